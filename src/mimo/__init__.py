@@ -1,0 +1,1 @@
+"""mimo: MiMo-V2-Flash in PyTorch."""
