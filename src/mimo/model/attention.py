@@ -1,0 +1,148 @@
+"""Attention: GQA with q/k head dim != v head dim, partial RoPE, value scale, sliding window, sink logits.
+
+Legend: B batch, T queries, S keys, H query heads, K kv heads, G = H / K query heads per kv head,
+D q/k head dim, Dv v head dim. Query head h reads kv head h // G (contiguous grouping, as transformers'
+`repeat_kv`).
+
+Sinks (sliding layers): one learnable logit s_h per query head is an extra softmax column with no value, so
+it only enlarges the denominator: p_ij = exp(a_ij) / (exp(s_h) + sum_j' exp(a_ij')).
+
+The model never owns a KV cache. With `cache=None` it attends causally over the tokens it is given (the
+training path: sliding layers in query chunks so the cost is O(T * window)); otherwise it hands q/k/v to
+`cache.attend(...)`, which stores k/v and attends over everything it holds (`DenseKVCache` below is the
+simple reference; the engine passes a paged one).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SLIDING, ModelConfig
+from .layers import apply_rope
+
+
+def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  sinks: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Reference softmax attention with an explicit boolean mask (True = may attend).
+
+    q [B, T, H, D], k [B, S, K, D], v [B, S, K, Dv], mask broadcastable to [B, 1, 1, T, S];
+    returns [B, T, H, Dv]. Softmax in fp32.
+    """
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    G = H // K
+    qg = q.view(B, T, K, G, D).permute(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    kg = k.permute(0, 2, 1, 3).unsqueeze(2)  # [B, K, 1, S, D]
+    vg = v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, K, 1, S, Dv]
+    scores = torch.matmul(qg, kg.transpose(-1, -2)).float() * scale  # [B, K, G, T, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(1, K, G, 1, 1).expand(B, K, G, T, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs.to(v.dtype), vg)  # [B, K, G, T, Dv]
+    return out.permute(0, 3, 1, 2, 4).reshape(B, T, H, v.shape[-1])
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [.., T, S] mask: key j visible to query i iff q_pos[i] - window < k_pos[j] <= q_pos[i]."""
+    diff = q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)
+    mask = diff >= 0
+    if window is not None:
+        mask &= diff < window
+    return mask
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                     sinks: torch.Tensor | None, scale: float, chunk: int = 128) -> torch.Tensor:
+    """Causal (optionally windowed) self-attention over T tokens at positions 0..T-1.
+
+    Full attention without sinks goes to SDPA (V zero-padded to D, since SDPA's fast CPU kernels need equal
+    q/k/v head dims). Windowed attention walks query chunks [s, s + C) against keys [s - W + 1, s + C):
+    e.g. W = 129, C = 128, s = 256 reads keys 128..383, so each chunk costs C * (C + W - 1), O(T * W) overall.
+    """
+    B, T, H, D = q.shape
+    if window is not None and window >= T:
+        window = None
+    if window is None and sinks is None:
+        Dv = v.shape[-1]
+        vp = F.pad(v, (0, D - Dv)) if Dv < D else v
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), vp.transpose(1, 2), is_causal=True, scale=scale,
+            enable_gqa=True)
+        return out.transpose(1, 2)[..., :Dv]
+    pos = torch.arange(T, device=q.device)
+    if window is None:
+        return attend_masked(q, k, v, window_mask(pos, pos, None), sinks, scale)
+    outs = []
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        ks = max(0, s - window + 1)
+        m = window_mask(pos[s:e], pos[ks:e], window)
+        outs.append(attend_masked(q[:, s:e], k[:, ks:e], v[:, ks:e], m, sinks, scale))
+    return torch.cat(outs, dim=1)
+
+
+class DenseKVCache:
+    """Reference cache: per layer, k/v of every position so far, contiguous from position 0.
+
+    Used by tests and the reference generate; the engine has its own paged cache with the same `attend`.
+    All rows of the batch share one length (no padding support, on purpose: it is the obviously-correct one).
+    """
+
+    def __init__(self) -> None:
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def length(self, layer_id: int = 0) -> int:
+        return 0 if layer_id not in self.k else self.k[layer_id].shape[1]
+
+    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+               positions: torch.Tensor, sliding_window: int | None, sinks: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+        if layer_id in self.k:
+            k = torch.cat([self.k[layer_id], k], dim=1)
+            v = torch.cat([self.v[layer_id], v], dim=1)
+        self.k[layer_id], self.v[layer_id] = k, v
+        k_pos = torch.arange(k.shape[1], device=q.device)
+        mask = window_mask(positions, k_pos, sliding_window)  # [B, T, S]
+        return attend_masked(q, k, v, mask[:, None, None], sinks, scale)
+
+    def crop(self, length: int) -> None:
+        """Drop positions >= length (speculative rollback in tests)."""
+        for i in self.k:
+            self.k[i], self.v[i] = self.k[i][:, :length], self.v[i][:, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_type: str, layer_id: int) -> None:
+        super().__init__()
+        H, K, D, Dv = config.attn_shape(layer_type)
+        self.n_heads, self.n_kv_heads, self.head_dim, self.v_head_dim = H, K, D, Dv
+        self.layer_id = layer_id
+        self.window = config.sliding_window if layer_type == SLIDING else None
+        self.value_scale = config.attention_value_scale
+        self.scale = D ** -0.5
+        self.q_proj = nn.Linear(config.dim, H * D, bias=False)
+        self.k_proj = nn.Linear(config.dim, K * D, bias=False)
+        self.v_proj = nn.Linear(config.dim, K * Dv, bias=False)
+        self.o_proj = nn.Linear(H * Dv, config.dim, bias=False)
+        self.attention_sink_bias = nn.Parameter(torch.zeros(H)) if config.has_sink(layer_type) else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        # the value scale is applied before caching, so cached values are already scaled
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.v_head_dim) * self.value_scale
+        if cache is None:
+            out = causal_attention(q, k, v, self.window, self.attention_sink_bias, self.scale)
+        else:
+            out = cache.attend(self.layer_id, q, k, v, positions=positions, sliding_window=self.window,
+                               sinks=self.attention_sink_bias, scale=self.scale)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_head_dim))

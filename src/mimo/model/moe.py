@@ -1,0 +1,133 @@
+"""Mixture of experts: fp32 sigmoid router with selection bias, group-limited top-k, grouped experts.
+
+Legend: N tokens, D model dim, E experts, K experts per token (top-k), I expert intermediate size.
+
+Routing (DeepSeek-V3 "noaux_tc", as MiMo-V2-Flash):
+1. scores_NE = sigmoid(x_fp32 @ W_fp32^T)
+2. choice_NE = scores_NE + e_score_correction_bias (the bias only steers selection; it is updated outside
+   backprop by the trainer to balance load)
+3. group-limited: a group's score is the sum of its top-2 choice scores; keep `topk_group` groups
+4. ids_NK = top-K of choice over the kept groups
+5. weights_NK = scores_NE[ids] (unbiased), normalised to sum 1 if norm_topk_prob, times routed_scaling_factor
+
+`Routing` records the chosen ids (and the scores, for the sequence-level balance loss) per layer, or replays
+given ids: on-policy RL with routing replay (R3) trains on exactly the experts chosen at rollout time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+@dataclass
+class Routing:
+    """Per-forward routing record/replay, keyed by layer id (MTP blocks have no MoE)."""
+
+    record: bool = False
+    replay: dict[int, torch.Tensor] | None = None
+    ids: dict[int, torch.Tensor] = field(default_factory=dict)  # [N, K] chosen experts
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # [N, E] sigmoid scores (with grad)
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        E = config.n_experts
+        self.top_k, self.n_group, self.topk_group = config.n_active_experts, config.n_group, config.topk_group
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(E, config.dim, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+
+    def scores(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(F.linear(x_ND.float(), self.weight.float()))
+
+    def select(self, scores_NE: torch.Tensor) -> torch.Tensor:
+        choice_NE = scores_NE.detach() + self.e_score_correction_bias
+        if self.n_group > 1 and self.topk_group < self.n_group:
+            N, E = choice_NE.shape
+            grouped = choice_NE.view(N, self.n_group, E // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N, n_group]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+            choice_NE = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(N, E)
+        return choice_NE.topk(self.top_k, dim=-1).indices
+
+    def weights(self, scores_NE: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
+        w_NK = scores_NE.gather(1, ids_NK)
+        if self.norm_topk_prob:
+            w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
+        return w_NK * self.scaling
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as stacked weights (checkpoints split them per expert)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        E, I, D = config.n_experts, config.moe_intermediate_size, config.dim
+        self.gate_proj = nn.Parameter(torch.empty(E, I, D))
+        self.up_proj = nn.Parameter(torch.empty(E, I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        """Grouped: sort the N*K (token, expert) pairs by expert, then one matmul chain per active expert
+        over its contiguous run of tokens, scattered back with index_add."""
+        N, K = ids_NK.shape
+        flat = ids_NK.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        token_of = order // K  # pair p = n * K + k belongs to token n
+        x_sorted = x_ND[token_of]
+        w_sorted = w_NK.reshape(-1)[order].unsqueeze(-1)
+        out_sorted = torch.empty_like(x_sorted)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            xs = x_sorted[start:start + c]
+            h = F.silu(xs @ self.gate_proj[e].t()) * (xs @ self.up_proj[e].t())
+            out_sorted[start:start + c] = h @ self.down_proj[e].t()
+            start += c
+        out = torch.zeros_like(x_ND)
+        out.index_add_(0, token_of, (out_sorted * w_sorted).to(x_ND.dtype))
+        return out
+
+    def forward_ref(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        """Slow reference: every (token, slot) pair on its own."""
+        out = torch.zeros_like(x_ND)
+        for n in range(x_ND.shape[0]):
+            for j in range(ids_NK.shape[1]):
+                e = int(ids_NK[n, j])
+                x = x_ND[n]
+                h = F.silu(self.gate_proj[e] @ x) * (self.up_proj[e] @ x)
+                out[n] += (w_NK[n, j] * (self.down_proj[e] @ h)).to(out.dtype)
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.gate = Router(config)
+        self.experts = Experts(config)
+
+    def forward(self, x: torch.Tensor, routing: Routing | None = None, reference: bool = False) -> torch.Tensor:
+        shape = x.shape
+        x_ND = x.reshape(-1, shape[-1])
+        scores_NE = self.gate.scores(x_ND)
+        if routing is not None and routing.replay is not None and self.layer_id in routing.replay:
+            ids_NK = routing.replay[self.layer_id].to(x.device).reshape(x_ND.shape[0], -1)
+        else:
+            ids_NK = self.gate.select(scores_NE)
+        if routing is not None and routing.record:
+            routing.ids[self.layer_id] = ids_NK
+            routing.scores[self.layer_id] = scores_NE
+        w_NK = self.gate.weights(scores_NE, ids_NK)
+        fn = self.experts.forward_ref if reference else self.experts
+        return fn(x_ND, ids_NK, w_NK).view(shape)

@@ -1,0 +1,174 @@
+"""MiMo-V2-Flash: hybrid sliding/global attention, sigmoid-routed MoE, and MTP blocks, single device.
+
+Notable features (architecture-spec.md):
+- pre-norm residual blocks; layer types per `config.layer_types` ("full" = global causal, "sliding" =
+  window incl. the current token + per-head sink logit); FFN per `config.mlp_types` ("dense" / "moe");
+- partial NeoX RoPE with a different theta per attention type; V scaled by `attention_value_scale`;
+- MTP block k at position t takes the main model's *pre-final-norm* hidden state h_t and the token at
+  t + k + 1, and predicts the token at t + k + 2 (non-chain: every block gets the main hidden state, as
+  SGLang runs MiMo-V2-Flash). The blocks share the main embedding and lm_head;
+- parameter names are the official checkpoint names (except the stacked experts; checkpoint/ splits them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .config import DENSE, SLIDING, ModelConfig
+from .layers import MLP, RMSNorm, rope_cos_sin
+from .moe import MoE, Routing
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_type = config.layer_types[layer_id]
+        self.input_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.self_attn = Attention(config, self.layer_type, layer_id)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
+        if config.mlp_types[layer_id] == DENSE:
+            self.mlp: nn.Module = MLP(config.dim, config.intermediate_size)
+        else:
+            self.mlp = MoE(config, layer_id)
+
+    def forward(self, x, rope, positions, cache=None, routing=None):
+        x = x + self.self_attn(self.input_layernorm(x), *rope, positions, cache)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, routing) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class MTPBlock(nn.Module):
+    """u = eh_proj([enorm(embed(token)); hnorm(h)]); one sliding-window block with a dense FFN;
+    final_layernorm; the shared lm_head gives the logits."""
+
+    def __init__(self, config: ModelConfig, k: int) -> None:
+        super().__init__()
+        D, eps = config.dim, config.rms_norm_eps
+        self.enorm = RMSNorm(D, eps)
+        self.hnorm = RMSNorm(D, eps)
+        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.input_layernorm = RMSNorm(D, eps)
+        self.self_attn = Attention(config, SLIDING, config.n_layers + k)
+        self.pre_mlp_layernorm = RMSNorm(D, eps)
+        self.mlp = MLP(D, config.intermediate_size)
+        self.final_layernorm = RMSNorm(D, eps)
+
+    def forward(self, emb, hidden, rope, positions, cache=None):
+        u = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))
+        u = u + self.self_attn(self.input_layernorm(u), *rope, positions, cache)
+        u = u + self.mlp(self.pre_mlp_layernorm(u))
+        return self.final_layernorm(u)
+
+
+class MTP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(MTPBlock(config, k) for k in range(config.n_mtp_layers))
+
+
+class Body(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.mtp = MTP(config)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Body(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def n_mtp(self) -> int:
+        return len(self.model.mtp.layers)
+
+    def _rope(self, positions: torch.Tensor, layer_type: str, dtype: torch.dtype):
+        c = self.config
+        return rope_cos_sin(positions, c.rotary_dim(layer_type), c.theta(layer_type), dtype)
+
+    @staticmethod
+    def _positions(input_ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        if positions is None:
+            B, T = input_ids.shape
+            return torch.arange(T, device=input_ids.device).expand(B, T)
+        return positions.expand(input_ids.shape) if positions.dim() == 1 else positions
+
+    def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                       routing: Routing | None = None) -> torch.Tensor:
+        """Pre-final-norm hidden states [B, T, D]."""
+        positions = self._positions(input_ids, positions)
+        x = self.model.embed_tokens(input_ids)
+        ropes = {t: self._rope(positions, t, x.dtype) for t in set(self.config.layer_types)}
+        for layer in self.model.layers:
+            x = layer(x, ropes[layer.layer_type], positions, cache, routing)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden))
+
+    def mtp_forward(self, k: int, hidden: torch.Tensor, token_ids: torch.Tensor,
+                    positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Logits of MTP block k [B, T, V]: row t from (hidden[:, t], token_ids[:, t] = x_{t+k+1})
+        predicts x_{t+k+2}; `positions` are those of the hidden states."""
+        positions = self._positions(token_ids, positions)
+        emb = self.model.embed_tokens(token_ids)
+        rope = self._rope(positions, SLIDING, hidden.dtype)
+        u = self.model.mtp.layers[k](emb, hidden, rope, positions, cache)
+        return self.lm_head(u)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, *,
+                return_mtp: bool = False, routing: Routing | None = None):
+        """Logits [B, T, V]; with return_mtp, also mtp_logits[k] [B, T-k-1, V] (teacher forcing)."""
+        h = self.forward_hidden(input_ids, positions, cache, routing)
+        logits = self.logits(h)
+        if not return_mtp:
+            return logits
+        positions = self._positions(input_ids, positions)
+        T = input_ids.shape[1]
+        mtp_logits = [self.mtp_forward(k, h[:, : T - k - 1], input_ids[:, k + 1:], positions[:, : T - k - 1])
+                      for k in range(self.n_mtp) if T - k - 1 > 0]
+        return logits, mtp_logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Mask (to -inf) everything outside the top-k and the top-p nucleus; logits [..., V]."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             eos_token_id: int | None = None) -> list[int]:
+    """Slow, obviously-correct reference: a full forward over the whole sequence for every new token."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    ids = list(prompt_ids)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids]))[0, -1].float()
+        if temperature == 0.0:
+            nxt = int(logits.argmax())
+        else:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        ids.append(nxt)
+        out.append(nxt)
+        if eos_token_id is not None and nxt == eos_token_id:
+            break
+    return out

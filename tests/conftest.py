@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from mimo.model import ModelConfig, Transformer, init_weights
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomize_extras(model: Transformer, seed: int = 0) -> Transformer:
+    """Give sinks and router biases non-zero values so tests exercise them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if getattr(mod, "attention_sink_bias", None) is not None:
+                mod.attention_sink_bias.copy_(torch.randn(mod.attention_sink_bias.shape, generator=g))
+            if hasattr(mod, "e_score_correction_bias"):
+                mod.e_score_correction_bias.copy_(0.1 * torch.randn(mod.e_score_correction_bias.shape, generator=g))
+    return model
+
+
+def make_model(preset: str = "test", seed: int = 0, **overrides) -> Transformer:
+    cfg = ModelConfig.from_preset(preset).replace(**overrides)
+    model = Transformer(cfg)
+    init_weights(model, seed=seed, std=0.1)
+    return randomize_extras(model, seed).eval()
+
+
+@pytest.fixture
+def tiny_model() -> Transformer:
+    return make_model()
