@@ -17,7 +17,8 @@ def randomize_extras(model: Transformer, seed: int = 0) -> Transformer:
             if getattr(mod, "attention_sink_bias", None) is not None:
                 mod.attention_sink_bias.copy_(torch.randn(mod.attention_sink_bias.shape, generator=g))
             if hasattr(mod, "e_score_correction_bias"):
-                mod.e_score_correction_bias.copy_(0.1 * torch.randn(mod.e_score_correction_bias.shape, generator=g))
+                bias = mod.e_score_correction_bias
+                bias.copy_(0.1 * torch.randn(bias.shape, generator=g))
     return model
 
 

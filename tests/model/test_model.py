@@ -65,7 +65,8 @@ def test_routing_record_and_replay_reproduce_output():
         assert rec.ids[1].shape == (24, model.config.n_active_experts)
         # perturb the selection bias so free routing changes; replay must still reproduce the output
         for layer in model.model.layers[1:]:
-            layer.mlp.gate.e_score_correction_bias += 5 * torch.randn_like(layer.mlp.gate.e_score_correction_bias)
+            bias = layer.mlp.gate.e_score_correction_bias
+            bias += 5 * torch.randn_like(bias)
         changed = model(ids)
         replayed = model(ids, routing=Routing(replay=rec.ids))
     assert (changed - out).abs().max() > 1e-3
@@ -92,7 +93,8 @@ def test_mtp_logits_follow_definition_step_by_step():
             assert mtp[k].shape == (1, 14 - k - 1, model.config.vocab_size)
             cache = DenseKVCache()
             for t in range(14 - k - 1):
-                step = model.mtp_forward(k, h[:, t:t + 1], ids[:, t + k + 1:t + k + 2], torch.tensor([t]), cache)
+                tok = ids[:, t + k + 1:t + k + 2]
+                step = model.mtp_forward(k, h[:, t:t + 1], tok, torch.tensor([t]), cache)
                 assert (step[0, 0] - mtp[k][0, t]).abs().max() < 1e-5
 
 

@@ -117,7 +117,8 @@ class MoE(nn.Module):
         self.gate = Router(config)
         self.experts = Experts(config)
 
-    def forward(self, x: torch.Tensor, routing: Routing | None = None, reference: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: Routing | None = None,
+                reference: bool = False) -> torch.Tensor:
         shape = x.shape
         x_ND = x.reshape(-1, shape[-1])
         scores_NE = self.gate.scores(x_ND)
