@@ -1,0 +1,181 @@
+"""The KV tensors of the paged cache and the per-step view the model attends through.
+
+Two slot spaces, allocated up front:
+- full: one slot per (block, offset) of the global-attention pool, used by every global layer;
+- sliding: one slot per (block, offset) of the sliding-window pool, used by every sliding layer and every
+  MTP block (each layer id has its own tensors; they share the slot numbering, so one sliding block table per
+  sequence serves them all).
+slot = block_id * block_size + offset; e.g. block_size 16, position 37 in the sequence's logical block 2
+(offset 5), physical block 9 -> slot 149.
+
+A step flattens every scheduled sequence's query tokens into one [1, N] batch (the model sees a batch of one)
+and hands the model a `StepView`: `attend()` first writes the new k/v into their slots, then attends each
+query over its sequence's keys gathered from the slots. Short segments (decode: 1 + drafts tokens; MTP draft
+extends) are padded into one [Bq, Tq] batch and done with one grouped matmul per layer; long segments
+(prefill chunks) are done one by one in query chunks, so a sliding layer reads only window + chunk keys per
+chunk: O(T * window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mimo.model.attention import attend_masked, window_mask
+from mimo.model.config import SLIDING, ModelConfig
+
+_PAD_POS = 1 << 30  # key position of padding: q_pos - _PAD_POS < 0, so the causal mask drops it
+SHORT = 16  # segments up to this many queries go through the batched path
+
+
+@dataclass
+class Segment:
+    """One sequence's queries in this step: positions [start, start + length).
+
+    `full_slot(p)` / `swa_slot(p)` give the slot of position p in each pool; the sliding one only has to
+    answer for p >= start - sliding_window + 1 (older sliding blocks may already be freed).
+    """
+
+    start: int
+    length: int
+    full_slots: list[int]  # slot of every position [0, start + length) (empty if the model has no full layers)
+    swa_slots: list[int]  # slot of every position [swa_lo, start + length)
+    swa_lo: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+class KVCache:
+    """Per-layer-id k/v slot tensors: [num_slots, n_kv_heads, head_dim] and [num_slots, n_kv_heads, v_dim]."""
+
+    def __init__(self, config: ModelConfig, num_full_slots: int, num_swa_slots: int,
+                 n_mtp_layers: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.config = config
+        self.window = config.sliding_window
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.sliding: dict[int, bool] = {}
+        types = list(config.layer_types) + [SLIDING] * n_mtp_layers
+        for layer_id, t in enumerate(types):
+            _, K, D, Dv = config.attn_shape(t)
+            n = num_swa_slots if t == SLIDING else num_full_slots
+            self.k[layer_id] = torch.zeros(n, K, D, dtype=dtype, device=device)
+            self.v[layer_id] = torch.zeros(n, K, Dv, dtype=dtype, device=device)
+            self.sliding[layer_id] = t == SLIDING
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())
+
+    def view(self, segments: list[Segment]) -> StepView:
+        return StepView(self, segments)
+
+
+class _Keys:
+    """Gather indices and masks of one pool for the batched (short) segments: built once per step."""
+
+    def __init__(self, segs: list[Segment], sliding: bool, window: int, qpos: torch.Tensor, device):
+        rows, poss = [], []
+        for s in segs:
+            lo = max(s.swa_lo, s.start - window + 1, 0) if sliding else 0
+            slots = s.swa_slots[lo - s.swa_lo:] if sliding else s.full_slots[:s.end]
+            rows.append(slots)
+            poss.append(list(range(lo, s.end)))
+        S = max(len(r) for r in rows)
+        self.slots = torch.tensor([r + [0] * (S - len(r)) for r in rows], device=device)  # [Bq, S]
+        kpos = torch.tensor([p + [_PAD_POS] * (S - len(p)) for p in poss], device=device)  # [Bq, S]
+        self.mask = window_mask(qpos, kpos, window if sliding else None)[:, None, None]  # [Bq,1,1,Tq,S]
+
+
+class StepView:
+    """What the model's `cache` argument is during an engine step (see module docstring)."""
+
+    def __init__(self, cache: KVCache, segments: list[Segment]):
+        self.cache = cache
+        dev = next(iter(cache.k.values())).device
+        self.N = sum(s.length for s in segments)
+        W = cache.window
+        write_full, write_swa = [], []
+        for s in segments:
+            if s.full_slots:
+                write_full += s.full_slots[s.start:s.end]
+            write_swa += s.swa_slots[s.start - s.swa_lo:s.end - s.swa_lo]
+        self.write = {False: torch.tensor(write_full, dtype=torch.long, device=dev),
+                      True: torch.tensor(write_swa, dtype=torch.long, device=dev)}
+        offsets, o = [], 0
+        for s in segments:
+            offsets.append(o)
+            o += s.length
+        short = [i for i, s in enumerate(segments) if s.length <= SHORT]
+        self.long = [(offsets[i], segments[i]) for i in range(len(segments)) if segments[i].length > SHORT]
+        self.short_keys: dict[bool, _Keys] = {}
+        if short:
+            segs = [segments[i] for i in short]
+            Tq = max(s.length for s in segs)
+            # pad each row's queries by repeating its last query (results of pads are dropped)
+            qidx = [[offsets[i] + min(j, segments[i].length - 1) for j in range(Tq)] for i in short]
+            qpos = [[s.start + min(j, s.length - 1) for j in range(Tq)] for s in segs]
+            self.qidx = torch.tensor(qidx, device=dev)  # [Bq, Tq]
+            self.qvalid = torch.tensor([[j < s.length for j in range(Tq)] for s in segs], device=dev)
+            qpos_t = torch.tensor(qpos, device=dev)
+            has_full = any(not v for v in cache.sliding.values())
+            if has_full:
+                self.short_keys[False] = _Keys(segs, False, W, qpos_t, dev)
+            self.short_keys[True] = _Keys(segs, True, W, qpos_t, dev)
+        # per long segment, per pool: key slots and key positions
+        self.long_keys: list[dict[bool, tuple[torch.Tensor, int]]] = []
+        for _, s in self.long:
+            lo = max(s.swa_lo, s.start - W + 1, 0)
+            d = {True: (torch.tensor(s.swa_slots[lo - s.swa_lo:s.end - s.swa_lo], device=dev), lo)}
+            if s.full_slots:
+                d[False] = (torch.tensor(s.full_slots[:s.end], device=dev), 0)
+            self.long_keys.append(d)
+
+    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+               positions: torch.Tensor, sliding_window: int | None, sinks: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+        c = self.cache
+        sliding = c.sliding[layer_id]
+        kc, vc = c.k[layer_id], c.v[layer_id]
+        w = self.write[sliding]
+        kc[w] = k[0].to(kc.dtype)
+        vc[w] = v[0].to(vc.dtype)
+        q0 = q[0]  # [N, H, D]
+        H, Dv = q0.shape[1], vc.shape[-1]
+        out = q0.new_empty(self.N, H, Dv)
+        if self.short_keys:
+            keys = self.short_keys[sliding]
+            kb, vb = kc[keys.slots], vc[keys.slots]  # [Bq, S, K, D], [Bq, S, K, Dv]
+            ob = attend_masked(q0[self.qidx], kb, vb, keys.mask, sinks, scale)  # [Bq, Tq, H, Dv]
+            out[self.qidx[self.qvalid]] = ob[self.qvalid].to(out.dtype)
+        for (off, s), keys in zip(self.long, self.long_keys):
+            slots, lo = keys[sliding]
+            out[off:off + s.length] = attend_long(
+                q0[off:off + s.length], kc[slots], vc[slots], s.start, lo, sliding_window, sinks, scale)
+        return out.unsqueeze(0)
+
+
+def attend_long(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
+                window: int | None, sinks: torch.Tensor | None, scale: float, chunk: int = 256) -> torch.Tensor:
+    """Queries at positions [q_start, q_start + T) over keys at [k_start, q_start + T); q [T, H, D],
+    k [S, K, D], v [S, K, Dv] -> [T, H, Dv]. Query chunk [a, b) reads keys from max(k_start, a - W + 1)."""
+    T, D = q.shape[0], q.shape[-1]
+    outs = []
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        pa, pb = q_start + a, q_start + b
+        lo = k_start if window is None else max(k_start, pa - window + 1)
+        ks, vs = k[lo - k_start:pb - k_start], v[lo - k_start:pb - k_start]
+        m = window_mask(torch.arange(pa, pb, device=q.device), torch.arange(lo, pb, device=q.device), window)
+        if sinks is None:
+            Dv = vs.shape[-1]
+            vp = F.pad(vs, (0, D - Dv)) if Dv < D else vs
+            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), ks.transpose(0, 1), vp.transpose(0, 1),
+                                               attn_mask=m, scale=scale, enable_gqa=True)
+            outs.append(o.transpose(0, 1)[..., :Dv])
+        else:
+            outs.append(attend_masked(q[a:b][None], ks[None], vs[None], m, sinks, scale)[0])
+    return torch.cat(outs, dim=0)
