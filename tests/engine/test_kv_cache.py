@@ -1,9 +1,9 @@
 """The paged step view gives the same logits as a full forward, for mixed short and long segments."""
 
 import torch
+from tests.conftest import make_model
 
 from mimo.engine.kv_cache import KVCache, Segment
-from tests.conftest import make_model
 
 
 def _segments(specs, slot_base, window):

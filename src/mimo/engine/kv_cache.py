@@ -40,7 +40,7 @@ class Segment:
 
     start: int
     length: int
-    full_slots: list[int]  # slot of every position [0, start + length) (empty if the model has no full layers)
+    full_slots: list[int]  # slot of every position [0, start + length); empty without full layers
     swa_slots: list[int]  # slot of every position [swa_lo, start + length)
     swa_lo: int
 
@@ -159,7 +159,8 @@ class StepView:
 
 
 def attend_long(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
-                window: int | None, sinks: torch.Tensor | None, scale: float, chunk: int = 256) -> torch.Tensor:
+                window: int | None, sinks: torch.Tensor | None, scale: float,
+                chunk: int = 256) -> torch.Tensor:
     """Queries at positions [q_start, q_start + T) over keys at [k_start, q_start + T); q [T, H, D],
     k [S, K, D], v [S, K, Dv] -> [T, H, Dv]. Query chunk [a, b) reads keys from max(k_start, a - W + 1)."""
     T, D = q.shape[0], q.shape[-1]
