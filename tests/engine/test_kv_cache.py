@@ -6,14 +6,15 @@ from tests.conftest import make_model
 from mimo.engine.kv_cache import KVCache, Segment
 
 
-def _segments(specs, slot_base, window):
-    """specs: list of (start, length); each sequence owns slots slot_base[i] + position (full and sliding)."""
+def _segments(specs, block_base, window, B=4):
+    """specs: list of (start, length); sequence i owns blocks block_base[i] + j (full and sliding), with the
+    sliding blocks that are entirely out of the window marked freed."""
     segs = []
-    for (start, length), base in zip(specs, slot_base):
-        end = start + length
-        lo = max(0, start - window + 1)
-        segs.append(Segment(start, length, [base + p for p in range(end)],
-                            [base + p for p in range(lo, end)], lo))
+    for (start, length), base in zip(specs, block_base):
+        n_blocks = -(-(start + length) // B)
+        dead = max(0, start - window + 1) // B
+        swa = [None] * dead + [base + j for j in range(dead, n_blocks)]
+        segs.append(Segment(start, length, [base + j for j in range(n_blocks)], swa))
     return segs
 
 
@@ -21,9 +22,9 @@ def test_step_view_matches_full_forward_mixed_batch():
     model = make_model()
     cfg = model.config
     W = cfg.sliding_window
-    cache = KVCache(cfg, 1000, 1000, model.n_mtp)
+    cache = KVCache(cfg, 4, 250, 250, model.n_mtp)
     seqs = [torch.randint(0, cfg.vocab_size, (L,)) for L in (40, 23, 7)]
-    base = [0, 300, 600]
+    base = [0, 75, 150]
     with torch.no_grad():
         full = [model(s[None])[0] for s in seqs]
         # step 1: prefill chunks of different lengths (one long, two short)

@@ -32,29 +32,42 @@ SHORT = 16  # segments up to this many queries go through the batched path
 
 @dataclass
 class Segment:
-    """One sequence's queries in this step: positions [start, start + length).
+    """One sequence's queries in this step: positions [start, start + length), with its block tables.
 
-    `full_slot(p)` / `swa_slot(p)` give the slot of position p in each pool; the sliding one only has to
-    answer for p >= start - sliding_window + 1 (older sliding blocks may already be freed).
+    `full_table[j]` / `swa_table[j]` hold the block of positions [j * B, (j + 1) * B) in each pool; sliding
+    entries below the window may be None (freed). Only positions >= start - sliding_window + 1 are read from
+    the sliding table.
     """
 
     start: int
     length: int
-    full_slots: list[int]  # slot of every position [0, start + length); empty without full layers
-    swa_slots: list[int]  # slot of every position [swa_lo, start + length)
-    swa_lo: int
+    full_table: list[int]
+    swa_table: list[int | None]
 
     @property
     def end(self) -> int:
         return self.start + self.length
 
 
+def _slots(table: list[int | None], lo: int, hi: int, block_size: int, device) -> torch.Tensor:
+    """Slots of positions [lo, hi): table[p // B] * B + p % B, e.g. B 16, p 37, table[2] = 9 -> 149."""
+    first, last = lo // block_size, (hi - 1) // block_size
+    blocks = torch.tensor([-1 if b is None else b for b in table[first:last + 1]], dtype=torch.long)
+    pos = torch.arange(lo, hi)
+    slots = blocks[pos // block_size - first] * block_size + pos % block_size
+    if (slots < 0).any():
+        raise IndexError(f"positions [{lo}, {hi}) reach a freed or missing block")
+    return slots.to(device)
+
+
 class KVCache:
     """Per-layer-id k/v slot tensors: [num_slots, n_kv_heads, head_dim] and [num_slots, n_kv_heads, v_dim]."""
 
-    def __init__(self, config: ModelConfig, num_full_slots: int, num_swa_slots: int,
+    def __init__(self, config: ModelConfig, block_size: int, num_full_blocks: int, num_swa_blocks: int,
                  n_mtp_layers: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.config = config
+        self.block_size = block_size
+        num_full_slots, num_swa_slots = num_full_blocks * block_size, num_swa_blocks * block_size
         self.window = config.sliding_window
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
@@ -77,16 +90,15 @@ class KVCache:
 class _Keys:
     """Gather indices and masks of one pool for the batched (short) segments: built once per step."""
 
-    def __init__(self, segs: list[Segment], sliding: bool, window: int, qpos: torch.Tensor, device):
+    def __init__(self, segs: list[Segment], sliding: bool, window: int, B: int, qpos: torch.Tensor, device):
         rows, poss = [], []
         for s in segs:
-            lo = max(s.swa_lo, s.start - window + 1, 0) if sliding else 0
-            slots = s.swa_slots[lo - s.swa_lo:] if sliding else s.full_slots[:s.end]
-            rows.append(slots)
-            poss.append(list(range(lo, s.end)))
+            lo = max(s.start - window + 1, 0) if sliding else 0
+            rows.append(_slots(s.swa_table if sliding else s.full_table, lo, s.end, B, "cpu"))
+            poss.append(torch.arange(lo, s.end))
         S = max(len(r) for r in rows)
-        self.slots = torch.tensor([r + [0] * (S - len(r)) for r in rows], device=device)  # [Bq, S]
-        kpos = torch.tensor([p + [_PAD_POS] * (S - len(p)) for p in poss], device=device)  # [Bq, S]
+        self.slots = torch.stack([F.pad(r, (0, S - len(r))) for r in rows]).to(device)  # [Bq, S]
+        kpos = torch.stack([F.pad(p, (0, S - len(p)), value=_PAD_POS) for p in poss]).to(device)  # [Bq, S]
         self.mask = window_mask(qpos, kpos, window if sliding else None)[:, None, None]  # [Bq,1,1,Tq,S]
 
 
@@ -97,14 +109,13 @@ class StepView:
         self.cache = cache
         dev = next(iter(cache.k.values())).device
         self.N = sum(s.length for s in segments)
-        W = cache.window
-        write_full, write_swa = [], []
-        for s in segments:
-            if s.full_slots:
-                write_full += s.full_slots[s.start:s.end]
-            write_swa += s.swa_slots[s.start - s.swa_lo:s.end - s.swa_lo]
-        self.write = {False: torch.tensor(write_full, dtype=torch.long, device=dev),
-                      True: torch.tensor(write_swa, dtype=torch.long, device=dev)}
+        W, B = cache.window, cache.block_size
+        self.has_full = any(not v for v in cache.sliding.values())
+        self.write = {
+            True: torch.cat([_slots(s.swa_table, s.start, s.end, B, dev) for s in segments]),
+            False: (torch.cat([_slots(s.full_table, s.start, s.end, B, dev) for s in segments])
+                    if self.has_full else None),
+        }
         offsets, o = [], 0
         for s in segments:
             offsets.append(o)
@@ -121,17 +132,16 @@ class StepView:
             self.qidx = torch.tensor(qidx, device=dev)  # [Bq, Tq]
             self.qvalid = torch.tensor([[j < s.length for j in range(Tq)] for s in segs], device=dev)
             qpos_t = torch.tensor(qpos, device=dev)
-            has_full = any(not v for v in cache.sliding.values())
-            if has_full:
-                self.short_keys[False] = _Keys(segs, False, W, qpos_t, dev)
-            self.short_keys[True] = _Keys(segs, True, W, qpos_t, dev)
+            if self.has_full:
+                self.short_keys[False] = _Keys(segs, False, W, B, qpos_t, dev)
+            self.short_keys[True] = _Keys(segs, True, W, B, qpos_t, dev)
         # per long segment, per pool: key slots and key positions
         self.long_keys: list[dict[bool, tuple[torch.Tensor, int]]] = []
         for _, s in self.long:
-            lo = max(s.swa_lo, s.start - W + 1, 0)
-            d = {True: (torch.tensor(s.swa_slots[lo - s.swa_lo:s.end - s.swa_lo], device=dev), lo)}
-            if s.full_slots:
-                d[False] = (torch.tensor(s.full_slots[:s.end], device=dev), 0)
+            lo = max(s.start - W + 1, 0)
+            d = {True: (_slots(s.swa_table, lo, s.end, B, dev), lo)}
+            if self.has_full:
+                d[False] = (_slots(s.full_table, 0, s.end, B, dev), 0)
             self.long_keys.append(d)
 
     def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
