@@ -36,13 +36,15 @@ class Segment:
 
     `full_table[j]` / `swa_table[j]` hold the block of positions [j * B, (j + 1) * B) in each pool; sliding
     entries below the window may be None (freed). Only positions >= start - sliding_window + 1 are read from
-    the sliding table.
+    the sliding table, and none below `kv_lo`: an MTP block's cache starts where its first draft extend
+    started (its entries are functions of their own inputs only, so older ones are never computed).
     """
 
     start: int
     length: int
     full_table: list[int]
     swa_table: list[int | None]
+    kv_lo: int = 0
 
     @property
     def end(self) -> int:
@@ -93,7 +95,7 @@ class _Keys:
     def __init__(self, segs: list[Segment], sliding: bool, window: int, B: int, qpos: torch.Tensor, device):
         rows, poss = [], []
         for s in segs:
-            lo = max(s.start - window + 1, 0) if sliding else 0
+            lo = max(s.start - window + 1, s.kv_lo) if sliding else s.kv_lo
             rows.append(_slots(s.swa_table if sliding else s.full_table, lo, s.end, B, "cpu"))
             poss.append(torch.arange(lo, s.end))
         S = max(len(r) for r in rows)
@@ -138,10 +140,10 @@ class StepView:
         # per long segment, per pool: key slots and key positions
         self.long_keys: list[dict[bool, tuple[torch.Tensor, int]]] = []
         for _, s in self.long:
-            lo = max(s.start - W + 1, 0)
+            lo = max(s.start - W + 1, s.kv_lo)
             d = {True: (_slots(s.swa_table, lo, s.end, B, dev), lo)}
             if self.has_full:
-                d[False] = (_slots(s.full_table, 0, s.end, B, dev), 0)
+                d[False] = (_slots(s.full_table, s.kv_lo, s.end, B, dev), s.kv_lo)
             self.long_keys.append(d)
 
     def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

@@ -114,15 +114,19 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(hidden))
 
-    def mtp_forward(self, k: int, hidden: torch.Tensor, token_ids: torch.Tensor,
-                    positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """Logits of MTP block k [B, T, V]: row t from (hidden[:, t], token_ids[:, t] = x_{t+k+1})
-        predicts x_{t+k+2}; `positions` are those of the hidden states."""
+    def mtp_hidden(self, k: int, hidden: torch.Tensor, token_ids: torch.Tensor,
+                   positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """MTP block k's final-normed output [B, T, D]: row t from (hidden[:, t], token_ids[:, t] = x_{t+k+1});
+        `positions` are those of the hidden states. lm_head of it predicts x_{t+k+2}."""
         positions = self._positions(token_ids, positions)
         emb = self.model.embed_tokens(token_ids)
         rope = self._rope(positions, SLIDING, hidden.dtype)
-        u = self.model.mtp.layers[k](emb, hidden, rope, positions, cache)
-        return self.lm_head(u)
+        return self.model.mtp.layers[k](emb, hidden, rope, positions, cache)
+
+    def mtp_forward(self, k: int, hidden: torch.Tensor, token_ids: torch.Tensor,
+                    positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Logits of MTP block k [B, T, V] (see mtp_hidden)."""
+        return self.lm_head(self.mtp_hidden(k, hidden, token_ids, positions, cache))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, *,
                 return_mtp: bool = False, routing: Routing | None = None):

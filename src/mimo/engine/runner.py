@@ -1,0 +1,105 @@
+"""ModelRunner: turns scheduled sequences into one flattened model call over the paged cache, and runs the
+MTP blocks to draft tokens.
+
+Main step: every item's query tokens are concatenated into input_ids [1, N] with their positions; the model
+attends through `KVCache.view(segments)`. Only the rows that are sampled or verified go through lm_head.
+
+MTP drafting, non-chain, as SGLang runs MiMo-V2-Flash (engine-notes §4.2). With committed tokens x_0..x_n
+(x_n pending, the main model holds KV of 0..n-1 and hidden states h_t):
+  block k at position t takes (h_t, x_{t+k+1}) and its output at t = n - 1 drafts x_{n+k+1};
+  tokens beyond x_n are the drafts made earlier in the same round: block 0 drafts d1 = x_{n+1}, block 1 reads
+  d1 at t = n - 1 and drafts d2, block 2 reads d1 at t = n - 2 and d2 at t = n - 1 and drafts d3.
+An entry of block k at position t is final once x_{t+k+1} is committed, i.e. for t < n - k; entries from
+drafts are recomputed in the next round, which starts block k at its first non-final position (its
+`valid` mark). An MTP block is a single layer, so its K/V at t depend on its inputs at t only: after a
+prefill of P tokens only positions >= P - W are computed (no later query reads older keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mimo.engine.kv_cache import KVCache, Segment
+from mimo.engine.sequence import Sequence
+
+
+@dataclass
+class MTPState:
+    """Per-sequence drafting state: recent main hidden states and each block's first non-final position."""
+
+    h: torch.Tensor | None = None  # [L, D] hidden states of positions [h_start, h_start + L)
+    h_start: int = 0
+    valid: list[int] = field(default_factory=list)  # per block: entries at positions < valid[k] are final
+    kv_lo: list[int] = field(default_factory=list)  # per block: first position ever computed
+    drafts: list[int] = field(default_factory=list)  # drafts for the next verify step
+
+    def append(self, start: int, rows: torch.Tensor, keep_from: int) -> None:
+        """Add hidden rows of positions [start, start + len(rows)), dropping rows before keep_from."""
+        if self.h is None or start != self.h_start + self.h.shape[0]:
+            self.h, self.h_start = rows, start
+        else:
+            self.h = torch.cat([self.h, rows])
+        if keep_from > self.h_start:
+            cut = min(keep_from - self.h_start, self.h.shape[0])
+            self.h, self.h_start = self.h[cut:], self.h_start + cut
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        return self.h[lo - self.h_start:hi - self.h_start]
+
+
+class ModelRunner:
+    def __init__(self, model, cache: KVCache, device: torch.device | str = "cpu"):
+        self.model = model
+        self.cache = cache
+        self.device = torch.device(device)
+        self.window = model.config.sliding_window
+
+    def forward(self, items: list[tuple[Sequence, int, list[int]]]) -> torch.Tensor:
+        """items: (seq, start position, query token ids). Returns pre-norm hidden states [N, D]."""
+        segs, ids, pos = [], [], []
+        for seq, start, toks in items:
+            segs.append(Segment(start, len(toks), seq.full_block_table, seq.sliding_block_table))
+            ids += toks
+            pos += range(start, start + len(toks))
+        input_ids = torch.tensor([ids], device=self.device)
+        positions = torch.tensor([pos], device=self.device)
+        return self.model.forward_hidden(input_ids, positions, self.cache.view(segs))[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden).float()
+
+    def draft(self, seqs: list[Sequence], states: list[MTPState], num_drafts: list[int]) -> None:
+        """One drafting round: fills states[i].drafts with num_drafts[i] greedy MTP drafts."""
+        W = self.window
+        for st in states:
+            st.drafts = []
+        for k in range(max(num_drafts, default=0)):
+            live = [i for i, nd in enumerate(num_drafts) if nd > k]
+            segs, ids, pos, hid = [], [], [], []
+            for i in live:
+                seq, st = seqs[i], states[i]
+                n = seq.num_computed_tokens
+                if len(st.valid) <= k:  # first round after (re)admission: only the last window matters
+                    lo = max(0, n - W)
+                    st.valid.append(lo)
+                    st.kv_lo.append(lo)
+                lo = max(st.valid[k], n - W)
+                # tokens x_{t+k+1} for t in [lo, n): committed up to x_n, then this round's drafts
+                toks = seq.token_ids_slice(lo + k + 1, min(n + 1, n + k + 1)) if lo + k + 1 <= n else []
+                toks = toks + st.drafts[max(0, lo + k + 1 - n - 1):]
+                toks = toks[: n - lo]
+                segs.append(Segment(lo, n - lo, seq.full_block_table, seq.sliding_block_table, st.kv_lo[k]))
+                ids += toks
+                pos += range(lo, n)
+                hid.append(st.rows(lo, n))
+                st.valid[k] = n - k
+            hidden = torch.cat(hid)[None]
+            view = self.cache.view(segs)
+            u = self.model.mtp_hidden(k, hidden, torch.tensor([ids], device=self.device),
+                                      torch.tensor([pos], device=self.device), view)[0]
+            last = torch.tensor([s.length for s in segs]).cumsum(0) - 1
+            nxt = self.model.lm_head(u[last.to(u.device)]).argmax(-1).tolist()
+            for i, t in zip(live, nxt):
+                states[i].drafts.append(int(t))
