@@ -1,0 +1,149 @@
+"""Three verifiable toy tasks used for SFT, RL, distillation and evaluation. Torch-free.
+
+Formats (fixed; the prompt is the whole user message, the answer the whole assistant message):
+
+| task | prompt | answer | operands |
+|---|---|---|---|
+| add | `add 382 47` | `429` | two integers in [0, 999] |
+| reverse | `reverse hello` | `olleh` | 3-12 lowercase ASCII letters |
+| sort | `sort 5 3 9 1` | `1 3 5 9` | 3-10 digits, space-separated, ascending |
+
+Train/held-out split: a prompt is held out when h mod 100 < `HELDOUT_PERCENT` (10), h being the first 8 bytes
+of sha256(prompt) read as a big-endian integer (`is_heldout`). Membership depends on the prompt alone, so
+the two splits never share a prompt for any seed or count, and a prompt's split never changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+TASKS = ("add", "reverse", "sort")
+SPLITS = ("train", "heldout")
+HELDOUT_PERCENT = 10
+_NUMBERS = frozenset(str(i) for i in range(1000))
+_LETTERS = frozenset(string.ascii_lowercase)
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    prompt: str
+    answer: str
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def is_heldout(prompt: str) -> bool:
+    """Whether `prompt` belongs to the held-out split (a pure function of the prompt text)."""
+    h = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big")
+    return h % 100 < HELDOUT_PERCENT
+
+
+def solve(prompt: str) -> Example:
+    """Parse a prompt in one of the task formats and return it with its answer; ValueError if malformed."""
+    task, _, rest = prompt.partition(" ")
+    args = rest.split(" ")
+    # Canonical numbers only: "007" or "1000" are not prompts the generator can produce.
+    if task == "add" and len(args) == 2 and all(a in _NUMBERS for a in args):
+        return Example(task, prompt, str(int(args[0]) + int(args[1])))
+    if task == "reverse" and 3 <= len(rest) <= 12 and set(rest) <= _LETTERS:
+        return Example(task, prompt, rest[::-1])
+    if task == "sort" and 3 <= len(args) <= 10 and all(len(a) == 1 and a in string.digits for a in args):
+        return Example(task, prompt, " ".join(sorted(args)))
+    raise ValueError(f"not a valid task prompt: {prompt!r}")
+
+
+def _sample_prompt(task: str, rng: random.Random) -> str:
+    if task == "add":
+        return f"add {rng.randint(0, 999)} {rng.randint(0, 999)}"
+    if task == "reverse":
+        return "reverse " + "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 12)))
+    return "sort " + " ".join(rng.choices(string.digits, k=rng.randint(3, 10)))
+
+
+def generate_examples(task: str, n: int, split: str = "train", seed: int = 0) -> list[Example]:
+    """`n` distinct examples of `task` from `split`, the same list for the same arguments.
+
+    Prompts are drawn from the task's distribution and rejected when they belong to the other split or were
+    already drawn, so the held-out split (~10% of the prompt space) costs ~10 draws per example.
+    """
+    _check_task(task)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    # A string seed is hashed with sha512 by `random`, so the stream is the same on every run and platform.
+    rng = random.Random(f"mimo.tasks/{task}/{split}/{seed}")
+    want_heldout = split == "heldout"
+    seen: set[str] = set()
+    out: list[Example] = []
+    budget = 1000 + 200 * n
+    while len(out) < n:
+        budget -= 1
+        if budget < 0:
+            raise ValueError(f"could not draw {n} distinct {split} prompts for {task!r}")
+        prompt = _sample_prompt(task, rng)
+        if prompt in seen or is_heldout(prompt) != want_heldout:
+            continue
+        seen.add(prompt)
+        out.append(solve(prompt))
+    return out
+
+
+def mixed_examples(
+    n_per_task: int, split: str = "train", seed: int = 0, tasks: Sequence[str] = TASKS
+) -> list[Example]:
+    """`n_per_task` examples of each task, interleaved task by task (add, reverse, sort, add, ...)."""
+    per_task = [generate_examples(t, n_per_task, split, seed) for t in tasks]
+    return [ex for group in zip(*per_task) for ex in group]
+
+
+def check(task: str, completion: str, answer: str) -> bool:
+    """Exact match after stripping surrounding whitespace; anything else in the completion fails."""
+    _check_task(task)
+    return completion.strip() == answer.strip()
+
+
+def reward(example: Example, completion: str) -> float:
+    """1.0 when `completion` is correct for `example`, else 0.0 (the RL outcome reward)."""
+    return 1.0 if check(example.task, completion, example.answer) else 0.0
+
+
+def to_messages(example: Example, with_answer: bool = True) -> Messages:
+    """Chat messages for `example`: the user prompt, then (if `with_answer`) the answer as assistant turn."""
+    messages = [{"role": "user", "content": example.prompt}]
+    if with_answer:
+        messages.append({"role": "assistant", "content": example.answer})
+    return messages
+
+
+def evaluate(
+    generate_fn: Callable[[list[Messages]], list[str]],
+    tasks: Sequence[str] = TASKS,
+    n_per_task: int = 100,
+    seed: int = 0,
+    split: str = "heldout",
+) -> dict[str, float]:
+    """Accuracy per task on `n_per_task` examples of `split`.
+
+    `generate_fn` receives every prompt (as chat messages without the answer) in one list, so an engine can
+    batch them all, and must return one completion string per prompt (the assistant text, with the think
+    block and the stop token already removed).
+    """
+    examples = [ex for t in tasks for ex in generate_examples(t, n_per_task, split, seed)]
+    completions = generate_fn([to_messages(ex, with_answer=False) for ex in examples])
+    if len(completions) != len(examples):
+        raise ValueError(f"generate_fn returned {len(completions)} completions for {len(examples)} prompts")
+    correct = dict.fromkeys(tasks, 0)
+    for ex, completion in zip(examples, completions):
+        correct[ex.task] += check(ex.task, completion, ex.answer)
+    return {t: correct[t] / n_per_task if n_per_task else 0.0 for t in tasks}

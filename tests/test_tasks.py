@@ -1,0 +1,159 @@
+"""Tasks: exact formats, deterministic seeded generation, disjoint splits, strict checkers, evaluate()."""
+
+import re
+
+import pytest
+
+from mimo import tasks
+from mimo.tasks import (
+    TASKS,
+    Example,
+    check,
+    evaluate,
+    generate_examples,
+    is_heldout,
+    reward,
+    solve,
+    to_messages,
+)
+
+FORMATS = {
+    "add": (r"add (0|[1-9]\d{0,2}) (0|[1-9]\d{0,2})", r"0|[1-9]\d{0,3}"),
+    "reverse": (r"reverse [a-z]{3,12}", r"[a-z]{3,12}"),
+    "sort": (r"sort \d( \d){2,9}", r"\d( \d){2,9}"),
+}
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_formats_and_answers(task, split):
+    """Every prompt and answer matches its fixed format, and the answer is right."""
+    prompt_re, answer_re = FORMATS[task]
+    for ex in generate_examples(task, 200, split, seed=3):
+        assert ex.task == task
+        assert re.fullmatch(prompt_re, ex.prompt), ex.prompt
+        assert re.fullmatch(answer_re, ex.answer), ex.answer
+        args = ex.prompt.split(" ")[1:]
+        if task == "add":
+            assert int(ex.answer) == int(args[0]) + int(args[1])
+        elif task == "reverse":
+            assert ex.answer == args[0][::-1]
+        else:
+            assert ex.answer.split(" ") == sorted(args)
+
+
+def test_documented_examples():
+    """The examples in the task spec solve to the documented answers."""
+    assert solve("add 382 47") == Example("add", "add 382 47", "429")
+    assert solve("reverse hello").answer == "olleh"
+    assert solve("sort 5 3 9 1").answer == "1 3 5 9"
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "add 1000 1",
+        "add 007 1",
+        "add 1",
+        "reverse ab",
+        "reverse Hello",
+        "sort 1 2",
+        "sort 12 3 4",
+        "mul 2 3",
+        "reverse hello world",
+        "add -1 2",
+    ],
+)
+def test_solve_rejects_malformed(prompt):
+    """Prompts outside the formats are rejected."""
+    with pytest.raises(ValueError):
+        solve(prompt)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_generation_is_deterministic_and_distinct(task):
+    """Same seed, same list; another seed, another list; no repeated prompt within a list."""
+    a = generate_examples(task, 300, seed=1)
+    assert a == generate_examples(task, 300, seed=1)
+    assert a != generate_examples(task, 300, seed=2)
+    assert len({ex.prompt for ex in a}) == 300
+    assert generate_examples(task, 50, seed=1) == a[:50]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_splits_are_disjoint(task):
+    """Train and held-out never share a prompt, whatever the seeds; membership follows is_heldout."""
+    train = {ex.prompt for s in (0, 1) for ex in generate_examples(task, 1500, "train", seed=s)}
+    held = {ex.prompt for s in (0, 1) for ex in generate_examples(task, 300, "heldout", seed=s)}
+    assert not train & held
+    assert not any(is_heldout(p) for p in train) and all(is_heldout(p) for p in held)
+
+
+def test_heldout_share_is_about_ten_percent():
+    """The hash rule holds out ~HELDOUT_PERCENT of the prompt space ('add' prompts with operands < 100)."""
+    prompts = [f"add {a} {b}" for a in range(100) for b in range(100)]
+    share = sum(map(is_heldout, prompts)) / len(prompts)
+    assert abs(share - tasks.HELDOUT_PERCENT / 100) < 0.01
+
+
+@pytest.mark.parametrize("completion", ["429", " 429", "429\n", "\n\t 429  \n"])
+def test_check_accepts_surrounding_whitespace(completion):
+    assert check("add", completion, "429")
+
+
+@pytest.mark.parametrize(
+    "completion", ["", "42", "4290", "429.", "429 430", "answer: 429", "4 29", "429<|im_end|>", "<think>429"]
+)
+def test_check_rejects_everything_else(completion):
+    assert not check("add", completion, "429")
+
+
+def test_check_is_exact_for_sort_and_reverse():
+    """Inner spacing and case matter."""
+    assert check("sort", " 1 3 5 9\n", "1 3 5 9")
+    assert not check("sort", "1  3 5 9", "1 3 5 9") and not check("sort", "1359", "1 3 5 9")
+    assert not check("reverse", "Olleh", "olleh")
+    with pytest.raises(ValueError):
+        check("mul", "6", "6")
+
+
+def test_reward_and_messages():
+    ex = Example("reverse", "reverse hello", "olleh")
+    assert reward(ex, " olleh\n") == 1.0 and reward(ex, "hello") == 0.0
+    assert to_messages(ex) == [
+        {"role": "user", "content": "reverse hello"},
+        {"role": "assistant", "content": "olleh"},
+    ]
+    assert to_messages(ex, with_answer=False) == [{"role": "user", "content": "reverse hello"}]
+
+
+def test_evaluate_with_fake_generator():
+    """evaluate() hands prompt messages to generate_fn once and scores per task."""
+    calls = []
+
+    def generate_fn(batch):
+        calls.append(batch)
+        out = []
+        for messages in batch:
+            assert len(messages) == 1 and messages[0]["role"] == "user"
+            ex = solve(messages[0]["content"])
+            out.append(ex.answer + "\n" if ex.task != "sort" else "wrong")
+        return out
+
+    acc = evaluate(generate_fn, n_per_task=20, seed=0)
+    assert acc == {"add": 1.0, "reverse": 1.0, "sort": 0.0}
+    assert len(calls) == 1 and len(calls[0]) == 60
+    assert all(is_heldout(m[0]["content"]) for m in calls[0])
+    with pytest.raises(ValueError):
+        evaluate(lambda batch: [], n_per_task=2)
+
+
+def test_tasks_module_is_torch_free():
+    """mimo.tasks imports nothing from torch (servers and RL workers use it without a model)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(tasks))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any("torch" in (m or "") for m in names | modules)
