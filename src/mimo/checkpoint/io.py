@@ -26,6 +26,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mimo.model.config import FULL, PRESETS, SLIDING, ModelConfig
+from mimo.model.init import init_weights
+from mimo.model.transformer import Transformer
 
 from . import fp8
 from .hf_adapter import (
@@ -318,8 +320,6 @@ def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
     floating tensor except the router weight/bias (fp32); by default the checkpoint's own dtype is used
     (config.json `dtype`/`torch_dtype`, else the embedding's) and FP8 weights are dequantised to it.
     """
-    from mimo.model.transformer import Transformer
-
     p = Path(path_or_preset)
     if p.is_dir():
         cfg_path = p / CONFIG_FILE
@@ -334,8 +334,6 @@ def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
         model.eval()
         return model
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS:
-        from mimo.model.init import init_weights
-
         cfg = ModelConfig.from_preset(path_or_preset)
         with torch.device(device):
             model = Transformer(cfg)
