@@ -1,0 +1,162 @@
+"""Sampling: pure functions of logits; one code path shared with speculative verification.
+
+- `probs_from_logits` is THE target distribution: temperature, then top-k, then top-p (vLLM's order), softmax
+  in float32. Greedy rows (temperature < 1e-5) become a point mass on the argmax. Verification feeds target
+  logits through the same function, so speculative output is distributed exactly like plain sampling.
+- Reproducibility: a seeded request owns a `torch.Generator` (`make_generator`) that only its own rows
+  consume, so its tokens do not depend on what else is in the batch. Unseeded rows share `default_generator`
+  (or torch's global RNG). Greedy rows consume no randomness.
+- Logprobs: log-softmax of the *raw* logits (before temperature / top-k / top-p), as vLLM returns by default,
+  for the chosen token plus its rank and the n most likely alternatives.
+- Stop tokens, max_tokens and stop strings are not handled here (scheduler / detokenizer).
+
+Shapes: N rows (tokens to sample, one per request, or k + 1 per request in verification), V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mimo.engine.config import GREEDY_EPS, SamplingParams
+
+_Param = float | int | None | torch.Tensor
+
+
+def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator | None:
+    """A request's private generator; None when unseeded (it then uses the shared one)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _per_row(x: _Param, n: int, default: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if x is None:
+        x = default
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype).expand(n) if x.dim() == 0 else x.to(device=device, dtype=dtype)
+    return torch.full((n,), x, device=device, dtype=dtype)
+
+
+def probs_from_logits(logits: torch.Tensor, temperature: _Param = 1.0, top_k: _Param = None,
+                      top_p: _Param = None) -> torch.Tensor:
+    """logits [N, V] (or [V]) -> probabilities [N, V] float32.
+
+    temperature / top_k / top_p: scalars or per-row tensors [N]. top_k <= 0 or None = off; top_p >= 1 or
+    None = off. top-p keeps the smallest set of most likely tokens whose mass reaches top_p (the most likely
+    token is always kept). Example, probs [0.5, 0.3, 0.2], top_p 0.7: the mass before each token is
+    [0, 0.5, 0.8] -> keep the first two -> [0.625, 0.375, 0].
+    """
+    squeeze = logits.dim() == 1
+    x_NV = logits.float().reshape(-1, logits.shape[-1])
+    N, V = x_NV.shape
+    dev = x_NV.device
+    t_N = _per_row(temperature, N, 1.0, dev, torch.float32)
+    greedy_N = t_N < GREEDY_EPS
+    x_NV = x_NV / torch.where(greedy_N, torch.ones_like(t_N), t_N)[:, None]
+    k_N = _per_row(top_k, N, 0, dev, torch.long)
+    p_N = _per_row(top_p, N, 1.0, dev, torch.float32)
+    use_k, use_p = bool(((k_N > 0) & (k_N < V)).any()), bool((p_N < 1.0).any())
+    if use_k or use_p:
+        sorted_NV, idx_NV = x_NV.sort(dim=-1, descending=True, stable=True)
+        drop_NV = torch.zeros_like(sorted_NV, dtype=torch.bool)
+        if use_k:
+            k_N = torch.where((k_N > 0) & (k_N < V), k_N, torch.full_like(k_N, V))
+            drop_NV |= torch.arange(V, device=dev)[None, :] >= k_N[:, None]
+        if use_p:
+            ps_NV = torch.softmax(sorted_NV.masked_fill(drop_NV, float("-inf")), dim=-1)
+            before_NV = torch.cumsum(ps_NV, dim=-1) - ps_NV  # mass strictly before each token
+            # rows with top_p >= 1 are left alone: float rounding in the cumsum must not drop the tail
+            drop_NV |= (before_NV >= p_N[:, None]) & (p_N < 1.0)[:, None]
+        x_NV = torch.empty_like(x_NV).scatter_(-1, idx_NV, sorted_NV.masked_fill(drop_NV, float("-inf")))
+    probs_NV = torch.softmax(x_NV, dim=-1)
+    if bool(greedy_N.any()):
+        onehot_NV = torch.zeros_like(probs_NV).scatter_(-1, logits.float().reshape(N, V).argmax(-1, keepdim=True),
+                                                         1.0)
+        probs_NV = torch.where(greedy_N[:, None], onehot_NV, probs_NV)
+    return probs_NV[0] if squeeze else probs_NV
+
+
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One draw from a probability vector [V] using `generator` (or the global RNG).
+
+    A generator lives on one device; the row is moved to it, so CPU generators work with CUDA logits.
+    """
+    if generator is not None and probs.device != generator.device:
+        probs = probs.to(generator.device)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def uniform(generator: torch.Generator | None, device: torch.device) -> float:
+    """One U[0, 1) draw from `generator` (on its own device), else from the global RNG on `device`."""
+    return float(torch.rand((), generator=generator, device=generator.device if generator is not None else device))
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token under the raw logits
+    top: list[tuple[int, float]]  # the n most likely (token id, logprob), best first
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor | Sequence[int], num_top: int
+                     ) -> list[TokenLogprobs]:
+    """Log-softmax of raw logits [N, V] at token_ids [N], with rank and the num_top best alternatives."""
+    lp_NV = torch.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
+    ids_N = torch.as_tensor(token_ids, device=lp_NV.device, dtype=torch.long).reshape(-1)
+    chosen_N = lp_NV.gather(-1, ids_N[:, None])[:, 0]
+    rank_N = (lp_NV > chosen_N[:, None]).sum(-1) + 1
+    top_lp, top_id = lp_NV.topk(min(num_top, lp_NV.shape[-1]), dim=-1)
+    rows = zip(ids_N.tolist(), chosen_N.tolist(), rank_N.tolist(), top_id.tolist(), top_lp.tolist())
+    return [TokenLogprobs(t, lp, r, list(zip(ti, tl))) for t, lp, r, ti, tl in rows]
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]  # per row; None where the request asked for none
+
+
+def sampling_tensors(params: Sequence[SamplingParams], device: str | torch.device = "cpu"
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (temperature [N], top_k [N] with 0 = off, top_p [N]) from each row's SamplingParams."""
+    t = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    k = torch.tensor([p.top_k or 0 for p in params], dtype=torch.long, device=device)
+    p_ = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    return t, k, p_
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           generators: Sequence[torch.Generator | None] | None = None,
+           default_generator: torch.Generator | None = None) -> SamplerOutput:
+    """Sample one token per row of logits [N, V]; row i follows params[i] and draws from generators[i].
+
+    Greedy rows take the argmax and draw nothing. Each sampled row draws exactly once from its own generator
+    (a seeded request's) or from `default_generator` (unseeded requests), so a seeded request's tokens
+    depend only on its seed and its logits.
+    """
+    N = logits.shape[0]
+    if len(params) != N:
+        raise ValueError(f"{len(params)} SamplingParams for {N} rows of logits")
+    gens = list(generators) if generators is not None else [None] * N
+    if len(gens) != N:
+        raise ValueError(f"{len(gens)} generators for {N} rows of logits")
+    t_N, k_N, p_N = sampling_tensors(params, logits.device)
+    probs_NV = probs_from_logits(logits, t_N, k_N, p_N)
+    greedy_ids = probs_NV.argmax(-1).tolist()  # the point mass of greedy rows
+    tokens = [greedy_ids[i] if sp.is_greedy else sample_from_probs(probs_NV[i], gens[i] or default_generator)
+              for i, sp in enumerate(params)]
+    logprobs: list[TokenLogprobs | None] = [None] * N
+    want = [i for i, sp in enumerate(params) if sp.logprobs is not None]
+    if want:
+        num_top = max(params[i].logprobs or 0 for i in want)
+        rows = compute_logprobs(logits[want], [tokens[i] for i in want], num_top)
+        for i, r in zip(want, rows):
+            n = params[i].logprobs or 0
+            logprobs[i] = TokenLogprobs(r.token_id, r.logprob, r.rank, r.top[:n])
+    return SamplerOutput(tokens, logprobs)
