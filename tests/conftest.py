@@ -3,6 +3,9 @@ import torch
 
 from mimo.model import ModelConfig, Transformer, init_weights
 
+# tiny models are dispatch-bound: one thread avoids oversubscription on small shared machines
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

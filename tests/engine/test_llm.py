@@ -1,0 +1,214 @@
+"""Engine vs reference: greedy identity (batching, chunked prefill, preemption, window), MTP on == off,
+draft consistency, exact sampled distribution, seeds, and bad input."""
+
+import math
+
+import pytest
+import torch
+from tests.conftest import make_model
+
+from mimo.engine import LLM, SamplingParams
+from mimo.engine import llm as llm_mod
+from mimo.model import generate
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def _engine(model, **kw):
+    base = dict(max_model_len=128, max_num_seqs=8, block_size=4, max_num_batched_tokens=16)
+    base.update(kw)
+    return LLM(model, **base)
+
+
+def _prompts(model, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_greedy_matches_reference_with_staggered_arrivals_and_chunked_prefill(model):
+    """Prompts of 3..40 tokens (window 9, budget 16 tokens/step) join at different steps."""
+    llm = _engine(model, num_speculative_tokens=0)
+    prompts = _prompts(model, (3, 40, 11, 25))
+    done = {}
+    rid = llm.add_request("a", prompts[0], GREEDY)
+    for i, p in enumerate(prompts[1:], 1):
+        for o in llm.step():
+            if o.finished:
+                done[o.request_id] = o
+        llm.add_request(str(i), p, GREEDY)
+    while llm.has_unfinished_requests():
+        for o in llm.step():
+            if o.finished:
+                done[o.request_id] = o
+    ids = [rid] + [str(i) for i in range(1, 4)]
+    for r, p in zip(ids, prompts):
+        assert done[r].token_ids == generate(model, p, 24), r
+        assert done[r].finish_reason == "length"
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_mtp_on_equals_off(model, k):
+    prompts = _prompts(model, (5, 30, 12), seed=1)
+    off = _engine(model, num_speculative_tokens=0).generate(prompts, GREEDY)
+    llm = _engine(model, num_speculative_tokens=k)
+    on = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in on] == [o.token_ids for o in off]
+    assert llm.stats()["drafted_tokens"] > 0
+
+
+def test_preemption_by_tiny_pool_keeps_greedy_output(model):
+    """A full pool that holds ~2 long requests forces recompute preemption of younger ones."""
+    llm = _engine(model, num_speculative_tokens=2, num_full_blocks=34, max_model_len=64, max_num_seqs=4)
+    prompts = _prompts(model, (20, 22, 18, 21), seed=2)
+    params = SamplingParams(max_tokens=40, temperature=0)
+    outs = llm.generate(prompts, params)
+    assert llm.stats()["preemptions"] > 0
+    for o, p in zip(outs, prompts):
+        assert o.token_ids == generate(model, p, 40)
+    assert llm.block_manager.usage().full_used == 0 and llm.block_manager.usage().sliding_used == 0
+
+
+def _drafts_from_scratch(model, tokens, n_drafts):
+    """Non-chain drafting by the definition: block k at t reads (h_t, x_{t+k+1}), drafts appended in turn."""
+    n = len(tokens) - 1
+    with torch.no_grad():
+        h = model.forward_hidden(torch.tensor([tokens[:n]]))
+        ext = list(tokens)
+        for k in range(n_drafts):
+            toks = ext[k + 1:n + k + 1]
+            logits = model.mtp_forward(k, h, torch.tensor([toks]))
+            ext.append(int(logits[0, -1].argmax()))
+    return ext[n + 1:]
+
+
+def test_mtp_drafts_equal_recomputation_from_scratch(model):
+    """The incremental MTP caches (window, re-extension after rejections) give the drafts the definition does."""
+    llm = _engine(model, num_speculative_tokens=3)
+    prompt = _prompts(model, (13,), seed=3)[0]
+    llm.add_request("x", prompt, SamplingParams(max_tokens=40, temperature=0))
+    checked = 0
+    while llm.has_unfinished_requests():
+        llm.step()
+        seq = llm.scheduler.get("x")
+        if seq is None or seq.is_prefill:
+            continue
+        assert llm._mtp["x"].drafts == _drafts_from_scratch(model, seq.all_token_ids, 3)
+        checked += 1
+    assert checked >= 5
+
+
+def _exact_joint(model, prompt, length, temperature):
+    """Exact probability of every continuation of `length` tokens: [V ** length], by enumerating prefixes."""
+    V = model.config.vocab_size
+    joint = torch.ones(1)
+    prefixes = [[]]
+    with torch.no_grad():
+        for _ in range(length):
+            logits = model(torch.tensor([prompt + p for p in prefixes]))[:, -1]
+            step = torch.softmax(logits / temperature, -1)  # [P, V]
+            joint = (joint[:, None] * step).reshape(-1)
+            prefixes = [p + [a] for p in prefixes for a in range(V)]
+    return joint
+
+
+def _empirical(llm, prompt, n, length, temperature):
+    outs = llm.generate([prompt] * n, [SamplingParams(max_tokens=length, temperature=temperature, seed=s)
+                                       for s in range(n)])
+    V = llm.model.config.vocab_size
+    counts = torch.zeros(V ** length)
+    for o in outs:
+        idx = 0
+        for t in o.token_ids:
+            idx = idx * V + t
+        counts[idx] += 1
+    return counts
+
+
+def _chi2_pvalue_ok(counts, probs, min_expected=5.0):
+    """Pearson chi-square over cells with enough expected mass (the rest pooled); True if p > 1e-3."""
+    n = counts.sum()
+    exp = probs * n
+    big = exp >= min_expected
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    ex = torch.cat([exp[big], exp[~big].sum()[None]])
+    keep = ex > 0
+    stat = float(((obs[keep] - ex[keep]) ** 2 / ex[keep]).sum())
+    dof = int(keep.sum()) - 1
+    # Wilson-Hilferty normal approximation of the chi-square tail
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return z < 3.1, stat, dof
+
+
+def test_sampled_mtp_matches_model_distribution_and_broken_rule_fails(monkeypatch):
+    """Four sampled tokens (the second step verifies 2 drafts) follow the exact model distribution;
+    an always-accept rule does not."""
+    model = make_model(vocab_size=4, seed=5)
+    prompt = [1, 2, 3, 0, 1]
+    T, N, L = 1.3, 2500, 4
+    exact = _exact_joint(model, prompt, L, T)
+    llm = _engine(model, num_speculative_tokens=3, max_num_seqs=64, max_num_batched_tokens=512)
+    ok, stat, dof = _chi2_pvalue_ok(_empirical(llm, prompt, N, L, T), exact)
+    assert ok, (stat, dof)
+    st = llm.stats()
+    assert 0 < st["accepted_tokens"] < st["drafted_tokens"]  # both branches of the rule were exercised
+
+    def always_accept(drafts, draft_probs, target_probs, generator=None):
+        return list(drafts) + [int(torch.multinomial(target_probs[-1], 1, generator=generator))]
+
+    monkeypatch.setattr(llm_mod, "accept_sampled", always_accept)
+    broken = _engine(model, num_speculative_tokens=3, max_num_seqs=64, max_num_batched_tokens=512)
+    ok, stat, dof = _chi2_pvalue_ok(_empirical(broken, prompt, N, L, T), exact)
+    assert not ok, (stat, dof)
+
+
+def test_same_seed_same_output_whatever_the_batch(model):
+    p = _prompts(model, (9,), seed=4)[0]
+    sp = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=42)
+    alone = _engine(model).generate([p], sp)[0].token_ids
+    others = _prompts(model, (5, 17, 3), seed=6)
+    crowd = _engine(model).generate(others[:2] + [p] + others[2:],
+                                    [SamplingParams(max_tokens=12, temperature=1.0, seed=i) for i in range(2)]
+                                    + [sp] + [SamplingParams(max_tokens=5, temperature=0.7)])
+    assert crowd[2].token_ids == alone
+
+
+def test_sliding_pool_usage_stays_bounded_past_many_windows(model):
+    llm = _engine(model, num_speculative_tokens=3, max_model_len=200)
+    llm.add_request("long", [1, 2, 3], SamplingParams(max_tokens=150, temperature=0))
+    peak = 0
+    while llm.has_unfinished_requests():
+        llm.step()
+        peak = max(peak, llm.block_manager.usage().sliding_used)
+    # window 9 + margin (3 drafts + 3 heads + 1) + a 4-token step, in 4-token blocks
+    bound = llm.block_manager.sliding_bound(1 + 3)
+    assert 0 < peak <= bound < 150 // 4
+
+
+@pytest.mark.parametrize("call,param", [
+    (lambda llm: llm.add_request(None, [], GREEDY), "empty"),
+    (lambda llm: llm.add_request(None, [1, 10_000], GREEDY), "token ids"),
+    (lambda llm: llm.add_request(None, list(range(1, 200)), GREEDY), "max_model_len"),
+    (lambda llm: llm.add_request(None, [1], SamplingParams(max_tokens=0)), "max_tokens"),
+    (lambda llm: llm.add_request(None, [1], SamplingParams(temperature=-1)), "temperature"),
+    (lambda llm: llm.add_request(None, [1], SamplingParams(top_p=1.5)), "top_p"),
+    (lambda llm: llm.add_request(None, [1], GREEDY, num_speculative_tokens=9), "num_speculative_tokens"),
+])
+def test_bad_input_is_rejected_and_engine_keeps_serving(model, call, param):
+    llm = _engine(model)
+    llm.add_request("ok", [1, 2, 3], GREEDY)
+    with pytest.raises(ValueError, match=param):
+        call(llm)
+    outs = []
+    while llm.has_unfinished_requests():
+        outs += [o for o in llm.step() if o.finished]
+    assert [o.request_id for o in outs] == ["ok"] and len(outs[0].token_ids) == 24
+
+
+def test_too_many_drafts_for_the_model():
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        LLM(make_model(), num_speculative_tokens=4)
