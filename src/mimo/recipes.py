@@ -39,7 +39,7 @@ def debug(out: str = "runs/debug") -> dict[str, TrainConfig]:
     mtp = TrainConfig(stage="mtp", out=f"{out}/mtp", steps=10, n_mtp_heads=3, freeze_trunk=True, lr=1e-3,
                       min_lr=1e-4, warmup_steps=1, init_from=f"{out}/pretrain", **base)
     sft = TrainConfig(stage="sft", out=f"{out}/sft", steps=10, n_mtp_heads=3, lr=3e-4, min_lr=3e-5,
-                      warmup_steps=1, init_from=f"{out}/mtp", aux_loss_coef=1e-5, bias_update_rate=1e-4,
+                      warmup_steps=1, init_from=f"{out}/mtp", aux_loss_coef=1e-5, bias_update_rate=1e-3,
                       mtp_weights=((0.0, 0.1),), **{**base, "batch_size": 8})
     return {"pretrain": pre, "mtp": mtp, "sft": sft}
 
@@ -54,7 +54,7 @@ def tiny(out: str = "runs/tiny") -> dict[str, TrainConfig]:
                       ckpt_every=30, **base)
     sft = TrainConfig(stage="sft", out=f"{out}/sft", steps=150, batch_size=32, n_mtp_heads=3, lr=3e-4,
                       min_lr=3e-5, warmup_steps=10, init_from=f"{out}/mtp", code_fraction=0.1, sft_code_rows=8,
-                      aux_loss_coef=1e-5, bias_update_rate=1e-4, mtp_weights=((0.0, 0.1),), eval_every=50,
+                      aux_loss_coef=1e-5, bias_update_rate=1e-3, mtp_weights=((0.0, 0.1),), eval_every=50,
                       ckpt_every=50, **{**base, "seq_len": 128})
     return {"pretrain": pre, "mtp": mtp, "sft": sft}
 

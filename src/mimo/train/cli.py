@@ -43,6 +43,7 @@ def _train_parser(prog: str, default_stage: str, stages: tuple[str, ...]) -> arg
                    "without AMX)")
     p.add_argument("--model", help="ModelConfig preset name or checkpoint directory (pretrain only)")
     p.add_argument("--corpus", metavar="DIR", help="directory of *.py files (default: the Python stdlib)")
+    p.add_argument("--tokenizer", metavar="DIR", help="use this tokenizer.json instead of training one")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -56,7 +57,7 @@ def _stage_config(args: argparse.Namespace):
         kw["out"] = args.out
     if args.init_from:
         kw["init_from"] = args.init_from
-    for name in ("steps", "seed", "dtype", "model", "corpus"):
+    for name in ("steps", "seed", "dtype", "model", "corpus", "tokenizer"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     if args.steps is not None and cfg.warmup_steps > args.steps:

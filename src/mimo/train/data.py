@@ -13,6 +13,7 @@ rows (the loaders' convention), so W ranks see exactly the single-process batch.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ class StageData:
             self.code = PackedStream(docs, tokenizer, cfg.batch_size, cfg.seq_len, seed=cfg.seed, **kw)
             val_docs = mixed_documents(corpus.texts("val"), mix=cfg.task_fraction, task_split="heldout",
                                        seed=cfg.seed, tasks=tasks)
+            # a fixed sample of the whole mixture (mixed_documents lists code first, tasks last)
+            random.Random(cfg.seed).shuffle(val_docs)
             # validation: every rank evaluates the same full batches, so the numbers match one process
             val = PackedStream(val_docs, tokenizer, cfg.batch_size, cfg.seq_len, shuffle=False,
                                max_tokens=cfg.eval_batches * cfg.batch_size * cfg.seq_len + 1)

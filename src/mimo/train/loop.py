@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mimo.checkpoint import CheckpointError, load_model, load_weights, save_model
-from mimo.model import ModelConfig, Routing, Transformer, init_weights
+from mimo.model import ModelConfig, Transformer, init_weights
 from mimo.model.config import ConfigError
 from mimo.model.moe import MoE
 
@@ -109,6 +109,18 @@ def _plain_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Trans
 
 # ---- one step ---------------------------------------------------------------------------------------------
 
+class RoutingRecord:
+    """Duck-typed `mimo.model.moe.Routing(record=True)`. Not a dataclass on purpose: FSDP2's pre-forward
+    hooks rebuild dataclass arguments (to move their tensors), so a real `Routing` passed to a sharded block
+    would record into a copy and the trainer would never see the expert ids."""
+
+    def __init__(self) -> None:
+        self.record = True
+        self.replay = None
+        self.ids: dict[int, torch.Tensor] = {}
+        self.scores: dict[int, torch.Tensor] = {}
+
+
 def _forward(model, batch: Batch, n_heads: int, routing):
     if n_heads > 0:
         logits, mtp_logits = model(batch.input_ids, return_mtp=True, routing=routing)
@@ -116,7 +128,7 @@ def _forward(model, batch: Batch, n_heads: int, routing):
     return model(batch.input_ids, routing=routing), []
 
 
-def _aux_sum(routing: Routing | None, B: int, T: int) -> torch.Tensor:
+def _aux_sum(routing: RoutingRecord | None, B: int, T: int) -> torch.Tensor:
     if routing is None or not routing.ids:
         return torch.zeros(())
     terms = [losses.seq_aux_loss_sum(routing.scores[l], routing.ids[l], B, T) for l in routing.ids]
@@ -147,7 +159,7 @@ def train_step(model, opt, sched, micro: list[Batch], cfg: TrainConfig, step: in
     for gi, (gname, bs) in enumerate(groups):
         c = counts[gi]
         for b in bs:
-            routing = Routing(record=True) if routers else None
+            routing = RoutingRecord() if routers else None
             logits, mtp_logits = _forward(model, b, n_heads, routing)
             lm = losses.masked_ce_sum(logits, b.labels, b.mask)
             mtp = [losses.masked_ce_sum(mtp_logits[k], *losses.mtp_labels(b.labels, b.mask, k))

@@ -49,7 +49,7 @@ def seq_aux_loss_sum(scores_NE: torch.Tensor, ids_NK: torch.Tensor, B: int, T: i
     N, E = scores_NE.shape
     K = ids_NK.shape[1]
     counts_BE = torch.zeros(B, E, device=ids_NK.device, dtype=torch.float32)
-    counts_BE.scatter_add_(1, ids_NK.view(B, T * K), torch.ones(B, T * K, device=ids_NK.device))
+    counts_BE.scatter_add_(1, ids_NK.reshape(B, T * K), torch.ones(B, T * K, device=ids_NK.device))
     f_BE = counts_BE * (E / (K * T))
     p = scores_NE.float()
     p = p / (p.sum(-1, keepdim=True) + 1e-20)

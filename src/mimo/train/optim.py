@@ -15,9 +15,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Matrices (embedding, projections, experts, router) decay; vectors (norms, sink logits) do not."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
