@@ -77,7 +77,11 @@ class Experts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """Grouped: sort the N*K (token, expert) pairs by expert, then one matmul chain per active expert
-        over its contiguous run of tokens, scattered back with index_add."""
+        over its contiguous run of tokens, scattered back with index_add.
+
+        The stacked weights are `unbind`-ed once rather than indexed per expert: the backward of `w[e]` builds
+        a zero tensor of the whole [E, ...] stack per use (E^2 traffic per layer and step, ~20% of a training
+        step at E = 8), while unbind's backward stacks the E slice gradients once."""
         N, K = ids_NK.shape
         flat = ids_NK.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -85,15 +89,10 @@ class Experts(nn.Module):
         token_of = order // K  # pair p = n * K + k belongs to token n
         x_sorted = x_ND[token_of]
         w_sorted = w_NK.reshape(-1)[order].unsqueeze(-1)
-        out_sorted = torch.empty_like(x_sorted)
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            xs = x_sorted[start:start + c]
-            h = F.silu(xs @ self.gate_proj[e].t()) * (xs @ self.up_proj[e].t())
-            out_sorted[start:start + c] = h @ self.down_proj[e].t()
-            start += c
+        gate, up, down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+        outs = [F.linear(F.silu(F.linear(xs, gate[e])) * F.linear(xs, up[e]), down[e])
+                for e, xs in enumerate(x_sorted.split(counts)) if xs.shape[0]]
+        out_sorted = torch.cat(outs) if outs else x_sorted
         out = torch.zeros_like(x_ND)
         out.index_add_(0, token_of, (out_sorted * w_sorted).to(x_ND.dtype))
         return out
