@@ -202,9 +202,50 @@ def recipe_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def export_main(argv: list[str] | None = None) -> int:
+    """Evaluate a finished recipe run and export its final model with a model card."""
+    p = argparse.ArgumentParser(prog="python -m mimo.train.cli export")
+    p.add_argument("--recipe", default="tiny")
+    p.add_argument("--runs", help="root of the recipe's run directories (default runs/RECIPE)")
+    p.add_argument("--out", required=True, help="model directory to write (e.g. models/mimo-tiny)")
+    p.add_argument("--eval-n", type=int, default=100, help="held-out examples per task")
+    p.add_argument("--log", help="a log with '== STAGE done in N s' lines, for the wall times in the card")
+    p.add_argument("--threads", type=int)
+    args = p.parse_args(argv)
+    import re
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from mimo.recipes import get_recipe
+
+    from .eval import evaluate_tasks, load_for_eval
+    from .export import export_model
+
+    try:
+        stages = get_recipe(args.recipe, args.runs or f"runs/{args.recipe}")
+        final = find_checkpoint(stages[STAGE_ORDER[-1]].out)
+    except USER_ERRORS as e:
+        return _error(str(e))
+    wall: dict[str, float] = {}
+    if args.log and Path(args.log).is_file():
+        for m in re.finditer(r"^== (\w+) done in (\d+) s", Path(args.log).read_text(), re.M):
+            wall[m.group(1)] = float(m.group(2))
+    t0 = time.perf_counter()
+    model, tok = load_for_eval(final)
+    acc = evaluate_tasks(model, tok, n_per_task=args.eval_n)
+    wall["eval"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps({"task_accuracy": acc, "eval_seconds": wall["eval"]}))
+    export_model(args.recipe, stages, final, args.out, acc, wall, args.eval_n)
+    print(f"exported {args.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = {"pretrain": pretrain_main, "sft": sft_main, "eval": eval_main, "recipe": recipe_main}
+    cmds = {"pretrain": pretrain_main, "sft": sft_main, "eval": eval_main, "recipe": recipe_main,
+            "export": export_main}
     if not argv or argv[0] not in cmds:
         print(f"usage: python -m mimo.train.cli {{{','.join(cmds)}}} ...", file=sys.stderr)
         return 2

@@ -433,6 +433,7 @@ def run(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | No
                 m = train_step(model, opt, sched, micro, cfg, step, code, dist_info.world_size)
             tokens += m["tokens"]
             m["tok_per_s"] = round(tokens / (time.perf_counter() - t0), 1)
+            m["time"] = round(time.time(), 2)
             done = step + 1
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 with autocast:
