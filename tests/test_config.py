@@ -51,8 +51,8 @@ def test_native_spelling_and_swa_kv_rule():
 
 
 def test_own_spelling_and_round_trip(tmp_path):
-    c = ModelConfig.from_preset("tiny").replace(layer_types=("sliding",) * 11 + ("full",), n_mtp_layers=2,
-                                                 sliding_window=17, eos_token_id=5)
+    c = ModelConfig.from_preset("tiny").replace(n_layers=12, layer_types=("sliding",) * 11 + ("full",),
+                                                 mlp_types=(), n_mtp_layers=2, sliding_window=17, eos_token_id=5)
     d = c.to_json_dict()
     assert ModelConfig.from_json_dict(d) == c
     # each spelling alone still describes the same model
