@@ -26,10 +26,14 @@ lint: install
 	$(PY) -m ruff check src tests benchmarks
 
 run: install
-	$(VENV)/bin/mimo generate --prompt "add 382 47"
+	$(VENV)/bin/mimo generate --prompt "def fibonacci(n):" --max-tokens 48
+	$(VENV)/bin/mimo generate --chat --prompt "add 382 47" --prompt "reverse hello" --prompt "sort 5 3 9 1" \
+		--max-tokens 16
 
 bench: install
 	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_engine.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
