@@ -89,55 +89,68 @@ class KVCache:
         return StepView(self, segments)
 
 
-class _Keys:
-    """Gather indices and masks of one pool for the batched (short) segments: built once per step."""
+def _table(tables: list[list[int | None]]) -> torch.Tensor:
+    """Block tables as one [n, max_len] tensor; freed (None) and padding entries are -1."""
+    width = max((len(t) for t in tables), default=0) or 1
+    return torch.tensor([[-1 if b is None else b for b in t] + [-1] * (width - len(t)) for t in tables],
+                        dtype=torch.long)
 
-    def __init__(self, segs: list[Segment], sliding: bool, window: int, B: int, qpos: torch.Tensor, device):
-        rows, poss = [], []
-        for s in segs:
-            lo = max(s.start - window + 1, s.kv_lo) if sliding else s.kv_lo
-            rows.append(_slots(s.swa_table if sliding else s.full_table, lo, s.end, B, "cpu"))
-            poss.append(torch.arange(lo, s.end))
-        S = max(len(r) for r in rows)
-        self.slots = torch.stack([F.pad(r, (0, S - len(r))) for r in rows]).to(device)  # [Bq, S]
-        kpos = torch.stack([F.pad(p, (0, S - len(p)), value=_PAD_POS) for p in poss]).to(device)  # [Bq, S]
-        self.mask = window_mask(qpos, kpos, window if sliding else None)[:, None, None]  # [Bq,1,1,Tq,S]
+
+def _lookup(table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Slots of positions `pos` in block-table rows `rows` (same shapes): table[row, p // B] * B + p % B."""
+    blocks = table[rows, pos // block_size]
+    if (blocks < 0).any():
+        raise IndexError("a position reaches a freed or missing KV block")
+    return blocks * block_size + pos % block_size
 
 
 class StepView:
-    """What the model's `cache` argument is during an engine step (see module docstring)."""
+    """What the model's `cache` argument is during an engine step (see module docstring).
+
+    Built once per step with a handful of tensor ops over all segments (no per-sequence loop for the batched
+    short segments), so the per-step overhead does not grow with Python work per request.
+    """
 
     def __init__(self, cache: KVCache, segments: list[Segment]):
         self.cache = cache
         dev = next(iter(cache.k.values())).device
-        self.N = sum(s.length for s in segments)
         W, B = cache.window, cache.block_size
         self.has_full = any(not v for v in cache.sliding.values())
-        self.write = {
-            True: torch.cat([_slots(s.swa_table, s.start, s.end, B, dev) for s in segments]),
-            False: (torch.cat([_slots(s.full_table, s.start, s.end, B, dev) for s in segments])
-                    if self.has_full else None),
-        }
-        offsets, o = [], 0
-        for s in segments:
-            offsets.append(o)
-            o += s.length
-        short = [i for i, s in enumerate(segments) if s.length <= SHORT]
-        self.long = [(offsets[i], segments[i]) for i in range(len(segments)) if segments[i].length > SHORT]
-        self.short_keys: dict[bool, _Keys] = {}
-        if short:
-            segs = [segments[i] for i in short]
-            Tq = max(s.length for s in segs)
-            # pad each row's queries by repeating its last query (results of pads are dropped)
-            qidx = [[offsets[i] + min(j, segments[i].length - 1) for j in range(Tq)] for i in short]
-            qpos = [[s.start + min(j, s.length - 1) for j in range(Tq)] for s in segs]
-            self.qidx = torch.tensor(qidx, device=dev)  # [Bq, Tq]
-            self.qvalid = torch.tensor([[j < s.length for j in range(Tq)] for s in segs], device=dev)
-            qpos_t = torch.tensor(qpos, device=dev)
-            if self.has_full:
-                self.short_keys[False] = _Keys(segs, False, W, B, qpos_t, dev)
-            self.short_keys[True] = _Keys(segs, True, W, B, qpos_t, dev)
-        # per long segment, per pool: key slots and key positions
+        n = len(segments)
+        start = torch.tensor([s.start for s in segments])
+        length = torch.tensor([s.length for s in segments])
+        kv_lo = torch.tensor([s.kv_lo for s in segments])
+        offset = length.cumsum(0) - length
+        self.N = int(length.sum())
+        tables = {True: _table([s.swa_table for s in segments])}
+        if self.has_full:
+            tables[False] = _table([s.full_table for s in segments])
+        # token i of the flattened batch: segment seg[i] at position pos[i]
+        seg = torch.repeat_interleave(torch.arange(n), length)
+        pos = torch.arange(self.N) - offset[seg] + start[seg]
+        self.write = {p: _lookup(t, seg, pos, B).to(dev) for p, t in tables.items()}
+
+        short = (length <= SHORT).nonzero().flatten()
+        self.long = [(int(offset[i]), segments[i]) for i in (length > SHORT).nonzero().flatten().tolist()]
+        self.short_keys: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        if len(short):
+            st, ln, lo_kv = start[short], length[short], kv_lo[short]
+            Tq = int(ln.max())
+            j = torch.minimum(torch.arange(Tq)[None, :], (ln - 1)[:, None])  # pad rows repeat their last query
+            self.qidx = (offset[short][:, None] + j).to(dev)  # [Bq, Tq]
+            self.qvalid = (torch.arange(Tq)[None, :] < ln[:, None]).to(dev)
+            qpos = st[:, None] + j
+            end = st + ln
+            for sliding, table in tables.items():
+                lo = torch.maximum(st - W + 1, lo_kv) if sliding else lo_kv
+                S = int((end - lo).max())
+                kpos = lo[:, None] + torch.arange(S)[None, :]  # [Bq, S]
+                valid = kpos < end[:, None]
+                slots = _lookup(table, short[:, None].expand(-1, S), torch.where(valid, kpos, lo[:, None]), B)
+                kpos = torch.where(valid, kpos, _PAD_POS)
+                mask = window_mask(qpos, kpos, W if sliding else None)[:, None, None]  # [Bq, 1, 1, Tq, S]
+                self.short_keys[sliding] = (slots.to(dev), mask.to(dev))
+        # per long segment, per pool: key slots and the position of the first key
         self.long_keys: list[dict[bool, tuple[torch.Tensor, int]]] = []
         for _, s in self.long:
             lo = max(s.start - W + 1, s.kv_lo)
@@ -159,9 +172,9 @@ class StepView:
         H, Dv = q0.shape[1], vc.shape[-1]
         out = q0.new_empty(self.N, H, Dv)
         if self.short_keys:
-            keys = self.short_keys[sliding]
-            kb, vb = kc[keys.slots], vc[keys.slots]  # [Bq, S, K, D], [Bq, S, K, Dv]
-            ob = attend_masked(q0[self.qidx], kb, vb, keys.mask, sinks, scale)  # [Bq, Tq, H, Dv]
+            slots, mask = self.short_keys[sliding]
+            kb, vb = kc[slots], vc[slots]  # [Bq, S, K, D], [Bq, S, K, Dv]
+            ob = attend_masked(q0[self.qidx], kb, vb, mask, sinks, scale)  # [Bq, Tq, H, Dv]
             out[self.qidx[self.qvalid]] = ob[self.qvalid].to(out.dtype)
         for (off, s), keys in zip(self.long, self.long_keys):
             slots, lo = keys[sliding]
