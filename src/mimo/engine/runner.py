@@ -32,7 +32,7 @@ class MTPState:
     h: torch.Tensor | None = None  # [L, D] hidden states of positions [h_start, h_start + L)
     h_start: int = 0
     valid: list[int] = field(default_factory=list)  # per block: entries at positions < valid[k] are final
-    kv_lo: list[int] = field(default_factory=list)  # per block: first position ever computed
+    kv_lo: int = 0  # first position the MTP blocks ever computed (the same for all blocks)
     drafts: list[int] = field(default_factory=list)  # drafts for the next verify step
 
     def append(self, start: int, rows: torch.Tensor, keep_from: int) -> None:
@@ -71,35 +71,42 @@ class ModelRunner:
         return self.model.logits(hidden).float()
 
     def draft(self, seqs: list[Sequence], states: list[MTPState], num_drafts: list[int]) -> None:
-        """One drafting round: fills states[i].drafts with num_drafts[i] greedy MTP drafts."""
+        """One drafting round: fills states[i].drafts with num_drafts[i] greedy MTP drafts.
+
+        Every block of a sequence runs over the same positions [lo, n), lo = the oldest non-final entry of any
+        of its blocks, so one step view serves all blocks; re-running a final entry rewrites the same K/V.
+        """
         W = self.window
-        for st in states:
+        los = []
+        for seq, st, nd in zip(seqs, states, num_drafts):
+            n = seq.num_computed_tokens
+            if not st.valid:  # first round after (re)admission: only the last window matters
+                st.valid = [max(0, n - W)] * nd
+                st.kv_lo = max(0, n - W)
+            los.append(max(min(st.valid[:nd]), n - W))
             st.drafts = []
+        view_for: dict[tuple[int, ...], object] = {}
         for k in range(max(num_drafts, default=0)):
-            live = [i for i, nd in enumerate(num_drafts) if nd > k]
-            segs, ids, pos, hid = [], [], [], []
+            live = tuple(i for i, nd in enumerate(num_drafts) if nd > k)
+            if live not in view_for:
+                view_for[live] = self.cache.view([
+                    Segment(los[i], seqs[i].num_computed_tokens - los[i], seqs[i].full_block_table,
+                            seqs[i].sliding_block_table, states[i].kv_lo) for i in live])
+            ids, pos, hid, lengths = [], [], [], []
             for i in live:
-                seq, st = seqs[i], states[i]
+                seq, st, lo = seqs[i], states[i], los[i]
                 n = seq.num_computed_tokens
-                if len(st.valid) <= k:  # first round after (re)admission: only the last window matters
-                    lo = max(0, n - W)
-                    st.valid.append(lo)
-                    st.kv_lo.append(lo)
-                lo = max(st.valid[k], n - W)
                 # tokens x_{t+k+1} for t in [lo, n): committed up to x_n, then this round's drafts
-                toks = seq.token_ids_slice(lo + k + 1, min(n + 1, n + k + 1)) if lo + k + 1 <= n else []
-                toks = toks + st.drafts[max(0, lo + k + 1 - n - 1):]
-                toks = toks[: n - lo]
-                segs.append(Segment(lo, n - lo, seq.full_block_table, seq.sliding_block_table, st.kv_lo[k]))
+                toks = seq.token_ids_slice(lo + k + 1, n + 1) if lo + k + 1 <= n else []
+                toks = (toks + st.drafts[max(0, lo + k - n):])[: n - lo]
                 ids += toks
                 pos += range(lo, n)
                 hid.append(st.rows(lo, n))
+                lengths.append(n - lo)
                 st.valid[k] = n - k
-            hidden = torch.cat(hid)[None]
-            view = self.cache.view(segs)
-            u = self.model.mtp_hidden(k, hidden, torch.tensor([ids], device=self.device),
-                                      torch.tensor([pos], device=self.device), view)[0]
-            last = torch.tensor([s.length for s in segs]).cumsum(0) - 1
+            u = self.model.mtp_hidden(k, torch.cat(hid)[None], torch.tensor([ids], device=self.device),
+                                      torch.tensor([pos], device=self.device), view_for[live])[0]
+            last = torch.tensor(lengths).cumsum(0) - 1
             nxt = self.model.lm_head(u[last.to(u.device)]).argmax(-1).tolist()
             for i, t in zip(live, nxt):
                 states[i].drafts.append(int(t))
