@@ -145,3 +145,12 @@ def test_train_config_validates_on_construction():
     with pytest.raises(TrainConfigError, match="TrainConfig.mtp_weights"):
         TrainConfig(mtp_weights=((0.5, 0.1),))
     assert math.isclose(TrainConfig().to_json_dict()["betas"][1], 0.95)
+
+
+def test_bf16_autocast_runs_and_keeps_fp32_master_weights(debug_cfg):
+    """dtype=bfloat16 trains under CPU autocast; parameters and checkpoints stay float32."""
+    cfg = debug_cfg.replace(dtype="bfloat16", steps=2, eval_every=2, ckpt_every=2)
+    res = run(cfg)
+    assert math.isfinite(res["val_loss"])
+    assert all(p.dtype == torch.float32 for p in res["model"].parameters())
+    assert load_model(ckpt_io.find_checkpoint(cfg.out)).model.embed_tokens.weight.dtype == torch.float32
