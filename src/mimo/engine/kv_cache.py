@@ -133,6 +133,7 @@ class StepView:
         short = (length <= SHORT).nonzero().flatten()
         self.long = [(int(offset[i]), segments[i]) for i in (length > SHORT).nonzero().flatten().tolist()]
         self.short_keys: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.dense = not self.long and bool((length == length[0]).all())
         if len(short):
             st, ln, lo_kv = start[short], length[short], kv_lo[short]
             Tq = int(ln.max())
@@ -166,15 +167,19 @@ class StepView:
         sliding = c.sliding[layer_id]
         kc, vc = c.k[layer_id], c.v[layer_id]
         w = self.write[sliding]
-        kc[w] = k[0].to(kc.dtype)
-        vc[w] = v[0].to(vc.dtype)
+        kc[w] = k[0] if k.dtype == kc.dtype else k[0].to(kc.dtype)
+        vc[w] = v[0] if v.dtype == vc.dtype else v[0].to(vc.dtype)
         q0 = q[0]  # [N, H, D]
         H, Dv = q0.shape[1], vc.shape[-1]
-        out = q0.new_empty(self.N, H, Dv)
         if self.short_keys:
             slots, mask = self.short_keys[sliding]
             kb, vb = kc[slots], vc[slots]  # [Bq, S, K, D], [Bq, S, K, Dv]
+            if self.dense:  # every segment short and of one length: the batch is a plain [Bq, Tq] grid
+                qb = q0.view(self.qidx.shape[0], self.qidx.shape[1], H, -1)
+                return attend_masked(qb, kb, vb, mask, sinks, scale).reshape(1, self.N, H, Dv)
             ob = attend_masked(q0[self.qidx], kb, vb, mask, sinks, scale)  # [Bq, Tq, H, Dv]
+        out = q0.new_empty(self.N, H, Dv)
+        if self.short_keys:
             out[self.qidx[self.qvalid]] = ob[self.qvalid].to(out.dtype)
         for (off, s), keys in zip(self.long, self.long_keys):
             slots, lo = keys[sliding]

@@ -136,8 +136,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 cache=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        # one RoPE over q and k heads together: [B, T, H + K, D]
+        qk = apply_rope(torch.cat([self.q_proj(x).view(B, T, self.n_heads, self.head_dim),
+                                   self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)], dim=2), cos, sin)
+        q, k = qk[:, :, :self.n_heads], qk[:, :, self.n_heads:]
         # the value scale is applied before caching, so cached values are already scaled
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.v_head_dim) * self.value_scale
         if cache is None:
