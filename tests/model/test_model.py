@@ -142,8 +142,8 @@ def test_bad_config_names_field(kw, field):
         ModelConfig.from_preset("test").replace(**kw)
 
 
-def test_gathered_small_batch_experts_equal_grouped_path():
-    """The decode-size path (gathered weights) and the sorted grouped path give the same output."""
+def test_small_batch_pair_loop_equals_grouped_path():
+    """The decode-size path (one (token, expert) pair at a time) and the sorted grouped path agree."""
     model = make_model()
     experts = model.model.layers[1].mlp.experts
     x = torch.randn(3, model.config.dim)
@@ -151,7 +151,8 @@ def test_gathered_small_batch_experts_equal_grouped_path():
     w = torch.rand(3, 2)
     with torch.no_grad():
         small = experts(x, ids, w)
-        experts.GATHER_BYTES = 0
+        assert 3 * 2 <= experts.PAIR_LOOP_MAX
+        experts.PAIR_LOOP_MAX = 0
         grouped = experts(x, ids, w)
         ref = experts.forward_ref(x, ids, w)
     assert (small - grouped).abs().max() < 1e-5 and (grouped - ref).abs().max() < 1e-5
