@@ -66,7 +66,9 @@ def stage_summary(cfg: TrainConfig) -> dict[str, Any]:
         "tokens": sum(r.get("tokens", 0) for r in train),
         "tok_per_s": _last(train, "tok_per_s"),
         "wall_s": round(times[-1] - times[0], 1) if len(times) > 1 else None,
-        "first_lm_loss": _first(train, "lm_loss"), "last_lm_loss": _last(train, "lm_loss"),
+        "first_lm_loss": _first(train, "lm_loss"),
+        # one batch is noisy (task-heavy batches have much lower loss than code-heavy ones): last 10 steps
+        "last_lm_loss": (sum(r["lm_loss"] for r in train[-10:]) / len(train[-10:])) if train else None,
         "val_loss": _last(rows, "val_loss"), "val_acc": _last(rows, "val_acc"),
         "val_mtp_acc": _last(rows, "val_mtp_acc"), "val_mtp_loss": _last(rows, "val_mtp_loss"),
         "load_max_mean": _last(train, "load_max_mean"),
@@ -97,6 +99,7 @@ def model_card(recipe: str, stages: dict[str, TrainConfig], final: Path, acc: di
     corpus = json.loads((final / ckpt_io.CORPUS_FILE).read_text()) if (final / ckpt_io.CORPUS_FILE).is_file() \
         else {}
     s = {name: stage_summary(cfg) for name, cfg in stages.items()}
+    pre, mtp_cfg, sft_cfg = stages["pretrain"], stages["mtp"], stages["sft"]
     total_wall = sum(v for v in wall.values() if v)
     pattern = "".join("G" if t == "full" else "S" for t in mc.layer_types)
     mlp = "".join("D" if t == "dense" else "M" for t in mc.mlp_types)
@@ -131,7 +134,7 @@ def model_card(recipe: str, stages: dict[str, TrainConfig], final: Path, acc: di
         f"Recipe `{recipe}` (`mimo.recipes.{recipe}`), three stages, one CPU process each, 1 thread "
         "(`OMP_NUM_THREADS=1`), on a 2-core machine shared with other jobs:",
         "",
-        "| stage | steps | batch (seqs x tokens) | LR | tokens | wall time | final train lm loss | "
+        "| stage | steps | batch (seqs x tokens) | LR | tokens | wall time | train lm loss (last 10 steps) | "
         "final val loss |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -144,16 +147,19 @@ def model_card(recipe: str, stages: dict[str, TrainConfig], final: Path, acc: di
         "",
         f"Total wall time: {total_wall / 60:.1f} min (stages + task evaluation)." if total_wall else "",
         "",
-        "- **pretrain**: code + chat-rendered task examples (30% of characters), packed into 256-token rows; "
-        "ONE MTP head trained with the main model, loss weight 0.3, then 0.1 for the last quarter; AdamW "
-        "(0.9, 0.95), weight decay 0.1 on matrices, clip 1.0, warmup + cosine; aux-loss-free expert balancing "
-        "(router bias += 1e-2 * sign(mean load - load) after each step) plus a sequence-level balance loss "
-        "(coefficient 1e-4).",
-        "- **mtp**: head 0 copied to three heads (`copy_mtp_heads`), the three trained jointly on the same "
-        "mixture with the trunk, embedding and lm_head frozen.",
-        "- **sft**: task conversations (train split), loss only on assistant tokens (answer + `<|im_end|>`), "
-        "MTP loss kept on with the same mask, plus one packed code micro-batch per step at 10% weight; LR "
-        "3e-4 -> 3e-5.",
+        f"- **pretrain**: code + chat-rendered task examples ({pre.task_fraction:.0%} of characters), packed "
+        f"into {pre.seq_len}-token rows; ONE MTP head trained with the main model, loss weight "
+        f"{' then '.join(f'{w:g} (from {a:.0%} of the steps)' for a, w in pre.mtp_weights)}; AdamW "
+        f"{pre.betas}, weight decay {pre.weight_decay:g} on matrices, clip {pre.grad_clip:g}, "
+        f"{pre.warmup_steps} warmup steps then cosine; aux-loss-free expert balancing (router bias += "
+        f"{pre.bias_update_rate:g} * sign(mean load - load) after each step) plus a sequence-level balance loss "
+        f"(coefficient {pre.aux_loss_coef:g}).",
+        f"- **mtp**: head 0 copied to {mtp_cfg.n_mtp_heads} heads (`copy_mtp_heads`), trained jointly on the "
+        "same mixture" + (" with the trunk, embedding and lm_head frozen." if mtp_cfg.freeze_trunk else "."),
+        f"- **sft**: task conversations (train split), loss only on assistant tokens (answer + `<|im_end|>`), "
+        f"MTP loss kept on with the same mask (weight {sft_cfg.mtp_weights[0][1]:g}), plus one packed code "
+        f"micro-batch of {sft_cfg.sft_code_rows} x {sft_cfg.seq_len} tokens per step at "
+        f"{sft_cfg.code_fraction:.0%} of the objective; LR {sft_cfg.lr:g} -> {sft_cfg.min_lr:g}.",
         "",
         "Corpus: "
         + (f"Python {corpus.get('python_version')} standard library (tests excluded), "
@@ -236,7 +242,8 @@ def export_model(recipe: str, stages: dict[str, TrainConfig], final: Path, dest:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in MODEL_FILES:
-        shutil.copy2(final / f, tmp / f)
+        shutil.copyfile(final / f, tmp / f)
+        os.chmod(tmp / f, 0o644)
     card = model_card(recipe, stages, final, acc, eval_n, wall, loads)
     card += (f"\nExport check: mimo vs transformers max |logit diff| {check['max_abs_logit_diff']:.2e} over "
              f"{check['tokens']} tokens; chat template ids identical: {check['chat_ids_equal']}.\n")
