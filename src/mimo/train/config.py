@@ -3,9 +3,10 @@
 A run directory holds `train_config.json` (this dataclass), the ModelConfig (`config.json`, written with the
 weights) and the corpus info next to every checkpoint, so a checkpoint says exactly how it was made.
 
-Batch arithmetic: one optimizer step sees `batch_size * grad_accum * world_size` sequences of `seq_len`
-tokens (the global batch). A single process with `grad_accum = W * a` and a W-process run with `grad_accum =
-a` see the same sequences in the same order and give the same losses (up to float summation order).
+Batch arithmetic: `batch_size` is the *global* micro-batch (sequences over all ranks; each of W ranks gets
+batch_size / W contiguous rows), and one optimizer step sees `batch_size * grad_accum` sequences of `seq_len`
+tokens. The same config therefore trains on the same data, with the same losses (up to float summation
+order), on one process or under torchrun with any world size that divides `batch_size`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class TrainConfig:
     freeze_trunk: bool = False
     out: str = "runs/debug"
     seed: int = 0
-    # ---- batch
+    # ---- batch (batch_size: global sequences per micro-batch, see the module docstring)
     steps: int = 40
     batch_size: int = 4
     grad_accum: int = 1

@@ -1,11 +1,13 @@
 """Multi-process training through torch.distributed, applied from outside the model.
 
-- `init_distributed()` joins the process group torchrun describes (gloo on CPU, nccl on CUDA) or stays
+- `init_distributed()` joins the process group torchrun describes (gloo: training runs on the CPU) or stays
   single-process; `shutdown()` puts a barrier before destroy_process_group (without it a rank aborts in about
   a third of CPU/gloo runs: platform-notes.md).
 - `apply_parallelism(model, world_size)`: FSDP2 (`fully_shard`) on every decoder block and MTP block, then on
   the root (embedding, final norm, lm_head). Gradients are averaged over ranks by FSDP, so the trainer scales
   each rank's loss by the world size to get the sum-over-global-batch gradient it normalises itself.
+- Multi-node: rank 0 writes checkpoints (and the tokenizer it trains) under `--out`, and every rank reads
+  them back on `--resume`, so `--out` must be on a filesystem all nodes share.
 - Full (unsharded) model/optimizer state for checkpoints via torch.distributed.checkpoint.state_dict; the
   same calls work on a plain single-process module, so a checkpoint is independent of the world size.
 """
@@ -42,8 +44,8 @@ def init_distributed() -> DistInfo:
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        # the trainer keeps model and batches on the CPU, so gloo even where CUDA exists (nccl needs GPU tensors)
+        dist.init_process_group("gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size())
 
 
