@@ -3,7 +3,7 @@
     mimo generate [--model DIR] --prompt TEXT [--chat] [--max-tokens N] [--temperature T] [--drafts K]
     mimo kv-plan (--preset NAME | --model DIR) [--context 4096,262144] [--dtype bfloat16]
     mimo params (--preset NAME | --model DIR)
-    mimo pretrain | sft | eval | recipe ...   (training: see `mimo pretrain --help`)
+    mimo pretrain | sft | eval | recipe | export | distill-mtp ...   (training: see `mimo pretrain --help`)
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def params_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     local = {"generate": generate_main, "kv-plan": kv_plan_main, "params": params_main}
-    training = ("pretrain", "sft", "eval", "recipe")
+    training = ("pretrain", "sft", "eval", "recipe", "export", "distill-mtp")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*local, *training):
         print(__doc__.strip(), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -244,8 +244,10 @@ def export_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .distill_mtp import main as distill_mtp_main
+
     cmds = {"pretrain": pretrain_main, "sft": sft_main, "eval": eval_main, "recipe": recipe_main,
-            "export": export_main}
+            "export": export_main, "distill-mtp": distill_mtp_main}
     if not argv or argv[0] not in cmds:
         print(f"usage: python -m mimo.train.cli {{{','.join(cmds)}}} ...", file=sys.stderr)
         return 2
