@@ -22,7 +22,7 @@ def test_distillation_raises_agreement_and_leaves_the_main_model_alone():
         loss.backward()
         opt.step()
     last, agree1 = distill_loss(model, x)
-    assert float(last) < float(first) - 0.1
+    assert last.item() < first.item() - 0.1
     assert sum(agree1) > sum(agree0)
     with torch.no_grad():
         assert torch.equal(model(x), logits_before)
