@@ -18,6 +18,15 @@ def _error(msg: str) -> int:
     return 1
 
 
+def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser taking the model as --preset NAME or --model DIR (config only, no weights loaded)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--preset")
+    g.add_argument("--model")
+    return p
+
+
 def _model_config(args):
     from mimo.model import ModelConfig
 
@@ -61,10 +70,7 @@ def generate_main(argv: list[str]) -> int:
 
 
 def kv_plan_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mimo kv-plan", description="KV bytes per request vs an all-global model")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--preset")
-    g.add_argument("--model")
+    p = _config_parser("mimo kv-plan", "KV bytes per request vs an all-global model")
     p.add_argument("--context", default="4096,32768,131072,262144", help="comma-separated token counts")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--block-size", type=int, default=16)
@@ -83,11 +89,7 @@ def kv_plan_main(argv: list[str]) -> int:
 
 
 def params_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mimo params", description="parameter counts from a config alone")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--preset")
-    g.add_argument("--model")
-    args = p.parse_args(argv)
+    args = _config_parser("mimo params", "parameter counts from a config alone").parse_args(argv)
     from mimo.model.params import count_parameters
 
     try:
