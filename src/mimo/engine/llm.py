@@ -14,7 +14,7 @@ Bad input raises ValueError naming the parameter before anything is scheduled.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ class EngineStats:
     verify_steps: int = 0
     decode_steps: int = 0  # sequence-steps that emitted tokens after the prefill
     preemptions: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -177,10 +176,12 @@ class LLM:
                     sampling_params: SamplingParams | None = None,
                     num_speculative_tokens: int | None = None) -> str:
         """Validate and queue one request; returns its id. Raises ValueError before scheduling anything."""
+        return self._add(request_id, prompt, self._encode(prompt), sampling_params, num_speculative_tokens)
+
+    def _add(self, request_id, prompt, ids, sampling_params, num_speculative_tokens) -> str:
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        ids = self._encode(prompt)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         k = num_speculative_tokens
         if k is not None and (not isinstance(k, int) or not 0 <= k <= self.config.num_speculative_tokens):
@@ -205,6 +206,7 @@ class LLM:
     def _forget(self, rid: str) -> None:
         self._gens.pop(rid, None)
         self._mtp.pop(rid, None)
+        self._prompts.pop(rid, None)
 
     # ---- one step --------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -355,9 +357,11 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
-        for p in prompts:
-            self._encode(p)
-        rids = [self.add_request(None, p, sp, num_speculative_tokens) for p, sp in zip(prompts, params)]
+        ids = [self._encode(p) for p in prompts]
+        bad = [sp for sp in params if sp is not None and not isinstance(sp, SamplingParams)]
+        if bad:
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(bad[0]).__name__}")
+        rids = [self._add(None, p, i, sp, num_speculative_tokens) for p, i, sp in zip(prompts, ids, params)]
         final: dict[str, RequestOutput] = {}
         while len(final) < len(rids):
             for o in self.step():
