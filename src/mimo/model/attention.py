@@ -112,11 +112,6 @@ class DenseKVCache:
         mask = window_mask(positions, k_pos, sliding_window)  # [B, T, S]
         return attend_masked(q, k, v, mask[:, None, None], sinks, scale)
 
-    def crop(self, length: int) -> None:
-        """Drop positions >= length (speculative rollback in tests)."""
-        for i in self.k:
-            self.k[i], self.v[i] = self.k[i][:, :length], self.v[i][:, :length]
-
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_type: str, layer_id: int) -> None:
