@@ -21,9 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from mimo.model.attention import attend_masked, window_mask
+from mimo.model.attention import attend_masked, causal_attention, window_mask
 from mimo.model.config import SLIDING, ModelConfig
 
 _PAD_POS = 1 << 30  # key position of padding: q_pos - _PAD_POS < 0, so the causal mask drops it
@@ -49,17 +48,6 @@ class Segment:
     @property
     def end(self) -> int:
         return self.start + self.length
-
-
-def _slots(table: list[int | None], lo: int, hi: int, block_size: int, device) -> torch.Tensor:
-    """Slots of positions [lo, hi): table[p // B] * B + p % B, e.g. B 16, p 37, table[2] = 9 -> 149."""
-    first, last = lo // block_size, (hi - 1) // block_size
-    blocks = torch.tensor([-1 if b is None else b for b in table[first:last + 1]], dtype=torch.long)
-    pos = torch.arange(lo, hi)
-    slots = blocks[pos // block_size - first] * block_size + pos % block_size
-    if (slots < 0).any():
-        raise IndexError(f"positions [{lo}, {hi}) reach a freed or missing block")
-    return slots.to(device)
 
 
 class KVCache:
@@ -102,6 +90,12 @@ def _lookup(table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, block_si
     if (blocks < 0).any():
         raise IndexError("a position reaches a freed or missing KV block")
     return blocks * block_size + pos % block_size
+
+
+def _range_slots(table: torch.Tensor, row: int, lo: int, hi: int, block_size: int) -> torch.Tensor:
+    """Slots of positions [lo, hi) of one sequence (row of the block-table tensor)."""
+    pos = torch.arange(lo, hi)
+    return _lookup(table, torch.full_like(pos, row), pos, block_size)
 
 
 class StepView:
@@ -153,11 +147,12 @@ class StepView:
                 self.short_keys[sliding] = (slots.to(dev), mask.to(dev))
         # per long segment, per pool: key slots and the position of the first key
         self.long_keys: list[dict[bool, tuple[torch.Tensor, int]]] = []
-        for _, s in self.long:
+        for i in (length > SHORT).nonzero().flatten().tolist():
+            s = segments[i]
             lo = max(s.start - W + 1, s.kv_lo)
-            d = {True: (_slots(s.swa_table, lo, s.end, B, dev), lo)}
+            d = {True: (_range_slots(tables[True], i, lo, s.end, B).to(dev), lo)}
             if self.has_full:
-                d[False] = (_slots(s.full_table, s.kv_lo, s.end, B, dev), s.kv_lo)
+                d[False] = (_range_slots(tables[False], i, s.kv_lo, s.end, B).to(dev), s.kv_lo)
             self.long_keys.append(d)
 
     def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -183,30 +178,7 @@ class StepView:
             out[self.qidx[self.qvalid]] = ob[self.qvalid].to(out.dtype)
         for (off, s), keys in zip(self.long, self.long_keys):
             slots, lo = keys[sliding]
-            out[off:off + s.length] = attend_long(
-                q0[off:off + s.length], kc[slots], vc[slots], s.start, lo, sliding_window, sinks, scale)
+            out[off:off + s.length] = causal_attention(
+                q0[None, off:off + s.length], kc[slots][None], vc[slots][None], sliding_window, sinks, scale,
+                chunk=256, q_start=s.start, k_start=lo)[0]
         return out.unsqueeze(0)
-
-
-def attend_long(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
-                window: int | None, sinks: torch.Tensor | None, scale: float,
-                chunk: int = 256) -> torch.Tensor:
-    """Queries at positions [q_start, q_start + T) over keys at [k_start, q_start + T); q [T, H, D],
-    k [S, K, D], v [S, K, Dv] -> [T, H, Dv]. Query chunk [a, b) reads keys from max(k_start, a - W + 1)."""
-    T, D = q.shape[0], q.shape[-1]
-    outs = []
-    for a in range(0, T, chunk):
-        b = min(a + chunk, T)
-        pa, pb = q_start + a, q_start + b
-        lo = k_start if window is None else max(k_start, pa - window + 1)
-        ks, vs = k[lo - k_start:pb - k_start], v[lo - k_start:pb - k_start]
-        m = window_mask(torch.arange(pa, pb, device=q.device), torch.arange(lo, pb, device=q.device), window)
-        if sinks is None:
-            Dv = vs.shape[-1]
-            vp = F.pad(vs, (0, D - Dv)) if Dv < D else vs
-            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), ks.transpose(0, 1), vp.transpose(0, 1),
-                                               attn_mask=m, scale=scale, enable_gqa=True)
-            outs.append(o.transpose(0, 1)[..., :Dv])
-        else:
-            outs.append(attend_masked(q[a:b][None], ks[None], vs[None], m, sinks, scale)[0])
-    return torch.cat(outs, dim=0)

@@ -58,32 +58,37 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-                     sinks: torch.Tensor | None, scale: float, chunk: int = 128) -> torch.Tensor:
-    """Causal (optionally windowed) self-attention over T tokens at positions 0..T-1.
+                     sinks: torch.Tensor | None, scale: float, chunk: int = 128, q_start: int = 0,
+                     k_start: int = 0) -> torch.Tensor:
+    """Causal (optionally windowed) attention of queries at positions [q_start, q_start + T) over keys at
+    positions [k_start, q_start + T): q [B, T, H, D], k [B, S, K, D], v [B, S, K, Dv] -> [B, T, H, Dv].
 
-    Full attention without sinks goes to SDPA (V zero-padded to D, since SDPA's fast CPU kernels need equal
-    q/k/v head dims). Windowed attention walks query chunks [s, s + C) against keys [s - W + 1, s + C):
-    e.g. W = 129, C = 128, s = 256 reads keys 128..383, so each chunk costs C * (C + W - 1), O(T * W) overall.
+    Training passes a whole sequence (q_start = k_start = 0); the engine passes a prefill chunk with the keys
+    it gathered from the cache. Full attention without sinks over a whole sequence goes to SDPA's causal
+    kernel (V zero-padded to D, since SDPA's fast CPU kernels need equal q/k/v head dims). Otherwise queries
+    walk in chunks [a, a + C) against keys [a - W + 1, a + C): e.g. W = 129, C = 128, a = 256 reads keys
+    128..383, so each chunk costs C * (C + W - 1), O(T * W) overall.
     """
     B, T, H, D = q.shape
-    if window is not None and window >= T:
-        window = None
-    if window is None and sinks is None:
-        Dv = v.shape[-1]
-        vp = F.pad(v, (0, D - Dv)) if Dv < D else v
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), vp.transpose(1, 2), is_causal=True, scale=scale,
-            enable_gqa=True)
+    Dv = v.shape[-1]
+
+    def sdpa(qc, kc, vc, **kw):
+        vp = F.pad(vc, (0, D - Dv)) if Dv < D else vc
+        out = F.scaled_dot_product_attention(qc.transpose(1, 2), kc.transpose(1, 2), vp.transpose(1, 2),
+                                             scale=scale, enable_gqa=True, **kw)
         return out.transpose(1, 2)[..., :Dv]
-    pos = torch.arange(T, device=q.device)
-    if window is None:
-        return attend_masked(q, k, v, window_mask(pos, pos, None), sinks, scale)
+
+    if sinks is None and q_start == k_start and (window is None or window >= T):
+        return sdpa(q, k, v, is_causal=True)
     outs = []
-    for s in range(0, T, chunk):
-        e = min(s + chunk, T)
-        ks = max(0, s - window + 1)
-        m = window_mask(pos[s:e], pos[ks:e], window)
-        outs.append(attend_masked(q[:, s:e], k[:, ks:e], v[:, ks:e], m, sinks, scale))
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        pa, pb = q_start + a, q_start + b
+        lo = k_start if window is None else max(k_start, pa - window + 1)
+        ks, vs = k[:, lo - k_start:pb - k_start], v[:, lo - k_start:pb - k_start]
+        m = window_mask(torch.arange(pa, pb, device=q.device), torch.arange(lo, pb, device=q.device), window)
+        outs.append(sdpa(q[:, a:b], ks, vs, attn_mask=m) if sinks is None
+                    else attend_masked(q[:, a:b], ks, vs, m, sinks, scale))
     return torch.cat(outs, dim=1)
 
 
