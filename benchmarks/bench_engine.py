@@ -150,9 +150,6 @@ def main() -> None:
         hf_b = hf_cache_bytes(hf, n, cfg.vocab_size) if n <= 2048 else float("nan")
         print(f"  {n:6d} tokens: engine {kv.total_bytes / 1e6:8.2f} MB (sliding layers "
               f"{kv.sliding_bytes / 1e6:.2f} MB)   transformers cache {hf_b / 1e6:8.2f} MB")
-    st = llm.stats()
-    print(f"\nengine totals: mean acceptance length {st['mean_acceptance_length']:.2f}, "
-          f"drafted {st['drafted_tokens']}, accepted {st['accepted_tokens']}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import json
 import pytest
 
 import mimo
-from mimo.engine.llm import DEFAULT_MODEL
 from mimo.model import generate
 
 
@@ -31,4 +30,3 @@ def test_default_model_many_requests_match_reference():
     outs = llm.generate(prompts, mimo.SamplingParams(max_tokens=40, temperature=0))
     for o, p in zip(outs, prompts):
         assert o.token_ids == generate(llm.model, p, 40, eos_token_id=tok.eos_id)
-    assert str(DEFAULT_MODEL).endswith("mimo-tiny")

@@ -139,13 +139,6 @@ class Sequence:
     def finish_reason(self) -> str | None:
         return self.status.finish_reason
 
-    @property
-    def mean_acceptance_length(self) -> float | None:
-        """Tokens emitted per verify step, bonus included: 1 + accepted / verify steps (vLLM's mean AL)."""
-        if self.num_verify_steps == 0:
-            return None
-        return 1.0 + self.num_accepted_tokens / self.num_verify_steps
-
     def reset_for_recompute(self) -> None:
         """Preemption by recompute: drop all KV state; generated tokens become part of what is prefilled."""
         self.status = SequenceStatus.WAITING
