@@ -142,17 +142,23 @@ def test_bad_config_names_field(kw, field):
         ModelConfig.from_preset("test").replace(**kw)
 
 
-def test_small_batch_pair_loop_equals_grouped_path():
-    """The decode-size path (one (token, expert) pair at a time) and the sorted grouped path agree."""
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_small_batch_paths_equal_grouped_and_reference(n):
+    """The decode-size paths (pairs one by one; all experts weighted) and the sorted grouped path agree with
+    the per-pair reference, and forward picks the small paths for small batches."""
     model = make_model()
     experts = model.model.layers[1].mlp.experts
-    x = torch.randn(1, model.config.dim)
-    ids = torch.tensor([[3, 6]])
-    w = torch.rand(1, 2)
+    E, K = experts.gate_proj.shape[0], model.config.n_active_experts
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, model.config.dim, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(n)])
+    w = torch.rand(n, K, generator=g)
     with torch.no_grad():
-        assert experts.PAIR_LOOP_TOKENS >= 1
-        small = experts(x, ids, w)
-        experts.PAIR_LOOP_TOKENS = 0
-        grouped = experts(x, ids, w)
         ref = experts.forward_ref(x, ids, w)
-    assert (small - grouped).abs().max() < 1e-5 and (grouped - ref).abs().max() < 1e-5
+        outs = {"pairs": experts._pairs(x, ids, w), "all": experts._all_experts(x, ids, w), "auto": experts(x, ids, w)}
+        experts.SMALL_TOKENS = 0
+        outs["grouped"] = experts(x, ids, w)
+    for name, out in outs.items():
+        assert (out - ref).abs().max() < 1e-5, name
+    small = outs["pairs"] if n * K < E else outs["all"]
+    assert torch.equal(outs["auto"], small)

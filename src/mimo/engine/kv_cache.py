@@ -18,6 +18,7 @@ chunk: O(T * window).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,7 @@ class KVCache:
             self.k[layer_id] = torch.zeros(n, K, D, dtype=dtype, device=device)
             self.v[layer_id] = torch.zeros(n, K, Dv, dtype=dtype, device=device)
             self.sliding[layer_id] = t == SLIDING
+        self.device = torch.device(device)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())
@@ -77,83 +79,77 @@ class KVCache:
         return StepView(self, segments)
 
 
-def _table(tables: list[list[int | None]]) -> torch.Tensor:
-    """Block tables as one [n, max_len] tensor; freed (None) and padding entries are -1."""
-    width = max((len(t) for t in tables), default=0) or 1
-    return torch.tensor([[-1 if b is None else b for b in t] + [-1] * (width - len(t)) for t in tables],
-                        dtype=torch.long)
+def _slots(table: list[int | None], lo: int, hi: int, block_size: int) -> list[int]:
+    """Slots of positions [lo, hi) of one sequence, block by block: table[p // B] * B + p % B.
 
-
-def _lookup(table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Slots of positions `pos` in block-table rows `rows` (same shapes): table[row, p // B] * B + p % B."""
-    blocks = table[rows, pos // block_size]
-    if (blocks < 0).any():
-        raise IndexError("a position reaches a freed or missing KV block")
-    return blocks * block_size + pos % block_size
-
-
-def _range_slots(table: torch.Tensor, row: int, lo: int, hi: int, block_size: int) -> torch.Tensor:
-    """Slots of positions [lo, hi) of one sequence (row of the block-table tensor)."""
-    pos = torch.arange(lo, hi)
-    return _lookup(table, torch.full_like(pos, row), pos, block_size)
+    E.g. B = 16, table [7, 9, 4], lo = 30, hi = 35: block 9 holds 30..31 (slots 158, 159), block 4 holds
+    32..34 (slots 64, 65, 66). Python ranges, not tensor ops: a step's metadata is a few hundred small
+    integers, and every tensor op here would cost more than the arithmetic.
+    """
+    out: list[int] = []
+    p = lo
+    while p < hi:
+        j, off = divmod(p, block_size)
+        b = table[j] if j < len(table) else None
+        if b is None:
+            raise IndexError("a position reaches a freed or missing KV block")
+        n = min(block_size - off, hi - p)
+        out.extend(range(b * block_size + off, b * block_size + off + n))
+        p += n
+    return out
 
 
 class StepView:
     """What the model's `cache` argument is during an engine step (see module docstring).
 
-    Built once per step with a handful of tensor ops over all segments (no per-sequence loop for the batched
-    short segments), so the per-step overhead does not grow with Python work per request.
+    The slot lists are built in Python per segment and turned into a handful of tensors: per pool the write
+    slots [N], and for the short segments the key slots [Bq, S] and the mask [Bq, 1, 1, Tq, S].
     """
 
     def __init__(self, cache: KVCache, segments: list[Segment]):
         self.cache = cache
-        dev = next(iter(cache.k.values())).device
+        dev = cache.device
         W, B = cache.window, cache.block_size
         self.has_full = any(not v for v in cache.sliding.values())
-        n = len(segments)
-        start = torch.tensor([s.start for s in segments])
-        length = torch.tensor([s.length for s in segments])
-        kv_lo = torch.tensor([s.kv_lo for s in segments])
-        offset = length.cumsum(0) - length
-        self.N = int(length.sum())
-        tables = {True: _table([s.swa_table for s in segments])}
-        if self.has_full:
-            tables[False] = _table([s.full_table for s in segments])
-        # token i of the flattened batch: segment seg[i] at position pos[i]
-        seg = torch.repeat_interleave(torch.arange(n), length)
-        pos = torch.arange(self.N) - offset[seg] + start[seg]
-        self.write = {p: _lookup(t, seg, pos, B).to(dev) for p, t in tables.items()}
+        pools = (True, False) if self.has_full else (True,)
 
-        short = (length <= SHORT).nonzero().flatten()
-        self.long = [(int(offset[i]), segments[i]) for i in (length > SHORT).nonzero().flatten().tolist()]
+        def table(s: Segment, sliding: bool) -> list[int | None]:
+            return s.swa_table if sliding else s.full_table
+
+        self.N = sum(s.length for s in segments)
+        self.write = {p: torch.tensor([x for s in segments for x in _slots(table(s, p), s.start, s.end, B)],
+                                      dtype=torch.long, device=dev) for p in pools}
+        offsets = list(itertools.accumulate((s.length for s in segments), initial=0))
+        short = [i for i, s in enumerate(segments) if s.length <= SHORT]
+        self.long = [(offsets[i], s) for i, s in enumerate(segments) if s.length > SHORT]
         self.short_keys: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.dense = not self.long and bool((length == length[0]).all())
-        if len(short):
-            st, ln, lo_kv = start[short], length[short], kv_lo[short]
-            Tq = int(ln.max())
-            j = torch.minimum(torch.arange(Tq)[None, :], (ln - 1)[:, None])  # pad rows repeat their last query
-            self.qidx = (offset[short][:, None] + j).to(dev)  # [Bq, Tq]
-            self.qvalid = (torch.arange(Tq)[None, :] < ln[:, None]).to(dev)
-            qpos = st[:, None] + j
-            end = st + ln
-            for sliding, table in tables.items():
-                lo = torch.maximum(st - W + 1, lo_kv) if sliding else lo_kv
-                S = int((end - lo).max())
-                kpos = lo[:, None] + torch.arange(S)[None, :]  # [Bq, S]
-                valid = kpos < end[:, None]
-                slots = _lookup(table, short[:, None].expand(-1, S), torch.where(valid, kpos, lo[:, None]), B)
-                kpos = torch.where(valid, kpos, _PAD_POS)
-                mask = window_mask(qpos, kpos, W if sliding else None)[:, None, None]  # [Bq, 1, 1, Tq, S]
-                self.short_keys[sliding] = (slots.to(dev), mask.to(dev))
+        self.dense = not self.long and len({s.length for s in segments}) == 1
+        if short:
+            ss = [segments[i] for i in short]
+            Tq = max(s.length for s in ss)
+            # query j of short segment r is row qidx[r, j] of the batch; pad queries repeat the last one
+            qlast = [[min(j, s.length - 1) for j in range(Tq)] for s in ss]
+            if not self.dense:
+                self.qidx = torch.tensor([[offsets[i] + j for j in js] for i, js in zip(short, qlast)], device=dev)
+                self.qvalid = torch.tensor([[j < s.length for j in range(Tq)] for s in ss], device=dev)
+            qpos = torch.tensor([[s.start + j for j in js] for s, js in zip(ss, qlast)], device=dev)  # [Bq, Tq]
+            for sliding in pools:
+                los = [max(s.start - W + 1, s.kv_lo) if sliding else s.kv_lo for s in ss]
+                S = max(s.end - lo for s, lo in zip(ss, los))
+                slots, kpos = [], []
+                for s, lo in zip(ss, los):
+                    r = _slots(table(s, sliding), lo, s.end, B)
+                    pad = S - len(r)
+                    slots.append(r + [r[0]] * pad)  # padding reads any valid slot; the mask drops it
+                    kpos.append(list(range(lo, s.end)) + [_PAD_POS] * pad)
+                mask = window_mask(qpos, torch.tensor(kpos, device=dev), W if sliding else None)[:, None, None]
+                self.short_keys[sliding] = (torch.tensor(slots, device=dev), mask)  # mask [Bq, 1, 1, Tq, S]
         # per long segment, per pool: key slots and the position of the first key
         self.long_keys: list[dict[bool, tuple[torch.Tensor, int]]] = []
-        for i in (length > SHORT).nonzero().flatten().tolist():
-            s = segments[i]
-            lo = max(s.start - W + 1, s.kv_lo)
-            d = {True: (_range_slots(tables[True], i, lo, s.end, B).to(dev), lo)}
-            if self.has_full:
-                d[False] = (_range_slots(tables[False], i, s.kv_lo, s.end, B).to(dev), s.kv_lo)
-            self.long_keys.append(d)
+        for _, s in self.long:
+            los = {True: max(s.start - W + 1, s.kv_lo), False: s.kv_lo}
+            self.long_keys.append({p: (torch.tensor(_slots(table(s, p), los[p], s.end, B), device=dev), los[p])
+                                   for p in pools})
 
     def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                positions: torch.Tensor, sliding_window: int | None, sinks: torch.Tensor | None,
@@ -170,7 +166,7 @@ class StepView:
             slots, mask = self.short_keys[sliding]
             kb, vb = kc[slots], vc[slots]  # [Bq, S, K, D], [Bq, S, K, Dv]
             if self.dense:  # every segment short and of one length: the batch is a plain [Bq, Tq] grid
-                qb = q0.view(self.qidx.shape[0], self.qidx.shape[1], H, -1)
+                qb = q0.view(slots.shape[0], self.N // slots.shape[0], H, -1)
                 return attend_masked(qb, kb, vb, mask, sinks, scale).reshape(1, self.N, H, Dv)
             ob = attend_masked(q0[self.qidx], kb, vb, mask, sinks, scale)  # [Bq, Tq, H, Dv]
         out = q0.new_empty(self.N, H, Dv)

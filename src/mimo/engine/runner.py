@@ -17,6 +17,7 @@ prefill of P tokens only positions >= P - W are computed (no later query reads o
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -106,7 +107,8 @@ class ModelRunner:
                 st.valid[k] = n - k
             u = self.model.mtp_hidden(k, torch.cat(hid)[None], torch.tensor([ids], device=self.device),
                                       torch.tensor([pos], device=self.device), view_for[live])[0]
-            last = torch.tensor(lengths).cumsum(0) - 1
-            nxt = self.model.lm_head(u[last.to(u.device)]).argmax(-1).tolist()
+            last = list(itertools.accumulate(lengths))  # each live sequence's row for its last position, + 1
+            rows = u[-1:] if len(last) == 1 else u[torch.tensor(last, device=u.device) - 1]
+            nxt = self.model.lm_head(rows).argmax(-1).tolist()
             for i, t in zip(live, nxt):
                 states[i].drafts.append(int(t))

@@ -146,11 +146,14 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     gens = list(generators) if generators is not None else [None] * N
     if len(gens) != N:
         raise ValueError(f"{len(gens)} generators for {N} rows of logits")
-    t_N, k_N, p_N = sampling_tensors(params, logits.device)
-    probs_NV = probs_from_logits(logits, t_N, k_N, p_N)
-    greedy_ids = probs_NV.argmax(-1).tolist()  # the point mass of greedy rows
-    tokens = [greedy_ids[i] if sp.is_greedy else sample_from_probs(probs_NV[i], gens[i] or default_generator)
-              for i, sp in enumerate(params)]
+    if all(sp.is_greedy for sp in params):  # the point masses of probs_from_logits, without building them
+        tokens = logits.argmax(-1).tolist()
+    else:
+        t_N, k_N, p_N = sampling_tensors(params, logits.device)
+        probs_NV = probs_from_logits(logits, t_N, k_N, p_N)
+        greedy_ids = probs_NV.argmax(-1).tolist()  # the point mass of greedy rows
+        tokens = [greedy_ids[i] if sp.is_greedy else sample_from_probs(probs_NV[i], gens[i] or default_generator)
+                  for i, sp in enumerate(params)]
     logprobs: list[TokenLogprobs | None] = [None] * N
     want = [i for i, sp in enumerate(params) if sp.logprobs is not None]
     if want:

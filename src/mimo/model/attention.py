@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SLIDING, ModelConfig
-from .layers import apply_rope
+from .layers import Rope, apply_rope
 
 
 def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -36,15 +36,17 @@ def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     qg = q.view(B, T, K, G, D).permute(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     kg = k.permute(0, 2, 1, 3).unsqueeze(2)  # [B, K, 1, S, D]
     vg = v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, K, 1, S, Dv]
-    scores = torch.matmul(qg, kg.transpose(-1, -2)).float() * scale  # [B, K, G, T, S]
+    scores = torch.matmul(qg, kg.transpose(-1, -2))  # [B, K, G, T, S]
+    scores = scores * scale if scores.dtype == torch.float32 else scores.float() * scale
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = torch.where(mask, scores, float("-inf"))
     if sinks is not None:
-        sink = sinks.float().view(1, K, G, 1, 1).expand(B, K, G, T, 1)
+        sink = sinks.view(1, K, G, 1, 1).expand(B, K, G, T, 1)
+        sink = sink if sink.dtype == scores.dtype else sink.float()
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs.to(v.dtype), vg)  # [B, K, G, T, Dv]
+    out = torch.matmul(probs if probs.dtype == v.dtype else probs.to(v.dtype), vg)  # [B, K, G, T, Dv]
     return out.permute(0, 3, 1, 2, 4).reshape(B, T, H, v.shape[-1])
 
 
@@ -133,12 +135,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * Dv, config.dim, bias=False)
         self.attention_sink_bias = nn.Parameter(torch.zeros(H)) if config.has_sink(layer_type) else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, positions: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         # one RoPE over q and k heads together: [B, T, H + K, D]
         qk = apply_rope(torch.cat([self.q_proj(x).view(B, T, self.n_heads, self.head_dim),
-                                   self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)], dim=2), cos, sin)
+                                   self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)], dim=2), rope)
         q, k = qk[:, :, :self.n_heads], qk[:, :, self.n_heads:]
         # the value scale is applied before caching, so cached values are already scaled
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.v_head_dim) * self.value_scale

@@ -34,7 +34,7 @@ class Block(nn.Module):
             self.mlp = MoE(config, layer_id)
 
     def forward(self, x, rope, positions, cache=None, routing=None):
-        x = x + self.self_attn(self.input_layernorm(x), *rope, positions, cache)
+        x = x + self.self_attn(self.input_layernorm(x), rope, positions, cache)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, routing) if isinstance(self.mlp, MoE) else self.mlp(h))
 
@@ -57,7 +57,7 @@ class MTPBlock(nn.Module):
 
     def forward(self, emb, hidden, rope, positions, cache=None):
         u = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))
-        u = u + self.self_attn(self.input_layernorm(u), *rope, positions, cache)
+        u = u + self.self_attn(self.input_layernorm(u), rope, positions, cache)
         u = u + self.mlp(self.pre_mlp_layernorm(u))
         return self.final_layernorm(u)
 
@@ -92,7 +92,8 @@ class Transformer(nn.Module):
 
     def _rope(self, positions: torch.Tensor, layer_type: str, dtype: torch.dtype):
         c = self.config
-        return rope_cos_sin(positions, c.rotary_dim(layer_type), c.theta(layer_type), dtype)
+        return rope_cos_sin(positions, c.rotary_dim(layer_type), c.attn_shape(layer_type)[2], c.theta(layer_type),
+                            dtype)
 
     @staticmethod
     def _positions(input_ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
