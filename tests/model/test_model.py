@@ -144,8 +144,8 @@ def test_bad_config_names_field(kw, field):
 
 @pytest.mark.parametrize("n", [1, 3, 8])
 def test_small_batch_paths_equal_grouped_and_reference(n):
-    """The decode-size paths (pairs one by one; all experts weighted) and the sorted grouped path agree with
-    the per-pair reference, and forward picks the small paths for small batches."""
+    """The decode-size path (pairs one by one) and the sorted grouped path agree with the per-pair reference,
+    and forward picks the pair loop for a single token."""
     model = make_model()
     experts = model.model.layers[1].mlp.experts
     E, K = experts.gate_proj.shape[0], model.config.n_active_experts
@@ -155,10 +155,9 @@ def test_small_batch_paths_equal_grouped_and_reference(n):
     w = torch.rand(n, K, generator=g)
     with torch.no_grad():
         ref = experts.forward_ref(x, ids, w)
-        outs = {"pairs": experts._pairs(x, ids, w), "all": experts._all_experts(x, ids, w), "auto": experts(x, ids, w)}
-        experts.SMALL_TOKENS = 0
+        outs = {"pairs": experts._pairs(x, ids, w), "auto": experts(x, ids, w)}
+        experts.PAIR_LOOP_TOKENS = 0
         outs["grouped"] = experts(x, ids, w)
     for name, out in outs.items():
         assert (out - ref).abs().max() < 1e-5, name
-    small = outs["pairs"] if n * K < E else outs["all"]
-    assert torch.equal(outs["auto"], small)
+    assert torch.equal(outs["auto"], outs["pairs"] if n == 1 else outs["grouped"])

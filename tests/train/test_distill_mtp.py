@@ -26,3 +26,24 @@ def test_distillation_raises_agreement_and_leaves_the_main_model_alone():
     assert sum(agree1) > sum(agree0)
     with torch.no_grad():
         assert torch.equal(model(x), logits_before)
+
+
+class _CharTokenizer:
+    def encode(self, text):
+        return [4 + ord(c) % 60 for c in text]
+
+
+def test_generated_rows_are_prompt_spans_plus_the_models_greedy_continuation():
+    from mimo.model import generate
+    from mimo.train.distill_mtp import generated_rows
+
+    model = make_model(vocab_size=64).eval()
+    tok = _CharTokenizer()
+    texts = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n\nclass B(A):\n    pass\n"]
+    rows = generated_rows(model, tok, texts, n_rows=3, length=20, prompt_len=6, seed=1)
+    assert rows.shape == (3, 20)
+    encoded = [tok.encode(t) for t in texts]
+    for row in rows.tolist():
+        prompt = row[:6]
+        assert any(prompt == e[a:a + 6] for e in encoded for a in range(len(e) - 5))
+        assert row[6:] == generate(model, prompt, 14)

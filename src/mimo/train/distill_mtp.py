@@ -7,6 +7,11 @@ main model's distribution for position t+k+2, i.e. softmax(main logits at row t+
 task data. The main model's outputs do not change (only `model.mtp.*` is updated), so engine output is the
 same; only the acceptance length moves.
 
+With `--generated F`, a fraction F of every batch is the model's own greedy continuations of training-split
+code (prompt: a random 32-token span of a training file), generated once up front with the engine: the text
+the heads must draft at serving time (greedy decoding) rather than human-written code, as EAGLE and
+Medusa-2 train their draft heads on the target model's own outputs.
+
     python -m mimo.train.cli distill-mtp --model models/mimo-tiny --out models/mimo-tiny --steps 200
 """
 
@@ -37,8 +42,29 @@ def distill_loss(model, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     return torch.stack(losses).mean(), agree
 
 
+def generated_rows(model, tok, texts: list[str], n_rows: int, length: int, prompt_len: int = 32,
+                   seed: int = 0) -> torch.Tensor:
+    """[n_rows, length] token rows: a random prompt_len-token span of a random text, then the model's own
+    greedy continuation (engine, no drafts, end-of-sequence ignored)."""
+    from mimo.engine import LLM, SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    while len(prompts) < n_rows:
+        ids = tok.encode(texts[int(torch.randint(len(texts), (1,), generator=g))])
+        if len(ids) > prompt_len:
+            a = int(torch.randint(len(ids) - prompt_len, (1,), generator=g))
+            prompts.append(ids[a:a + prompt_len])
+    llm = LLM(model, num_speculative_tokens=0, max_num_seqs=64, max_model_len=length + 1,
+              max_num_batched_tokens=2048)
+    sp = SamplingParams(max_tokens=length - prompt_len, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompts, sp)
+    return torch.tensor([o.prompt_token_ids + o.token_ids for o in outs])
+
+
 def run(model_dir: str, out: str, steps: int, batch_size: int = 16, seq_len: int = 256, lr: float = 1e-3,
-        task_mix: float = 0.3, seed: int = 0, log_every: int = 20) -> dict:
+        task_mix: float = 0.3, seed: int = 0, log_every: int = 20, generated: float = 0.0,
+        generated_rows_n: int = 512) -> dict:
     from mimo.checkpoint import load_model, save_model
     from mimo.data import Tokenizer
     from mimo.data.corpus import load_corpus, mixed_documents
@@ -53,6 +79,20 @@ def run(model_dir: str, out: str, steps: int, batch_size: int = 16, seq_len: int
     val = PackedStream(mixed_documents(corpus.texts("val"), mix=task_mix, task_split="heldout", seed=seed), tok,
                        batch_size, seq_len, seed=seed, shuffle=False)
     val_batches = [next(val)[:, :-1] for _ in range(4)]
+    n_gen = round(generated * batch_size)
+    if n_gen:
+        t = time.perf_counter()
+        gen = generated_rows(model, tok, corpus.texts("train"), generated_rows_n, seq_len, seed=seed)
+        print(json.dumps({"generated_rows": gen.shape[0], "tokens": gen.numel(),
+                          "seconds": round(time.perf_counter() - t, 1)}), file=sys.stderr)
+        gen_val = generated_rows(model, tok, corpus.texts("val"), batch_size, seq_len, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed)
+
+    def batch() -> torch.Tensor:
+        x = next(train)[:, :-1]
+        if n_gen:
+            x[:n_gen] = gen[torch.randint(gen.shape[0], (n_gen,), generator=g)]
+        return x
     for p in model.parameters():
         p.requires_grad_(False)
     heads = [p for p in model.model.mtp.parameters()]
@@ -61,18 +101,19 @@ def run(model_dir: str, out: str, steps: int, batch_size: int = 16, seq_len: int
     opt = torch.optim.AdamW(heads, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - 0.9 * s / steps))
 
-    def agreement() -> list[float]:
+    def agreement(batches) -> list[float]:
         model.eval()
         with torch.no_grad():
-            per = [distill_loss(model, b)[1] for b in val_batches]
+            per = [distill_loss(model, b)[1] for b in batches]
         model.train()
         return [round(sum(a[k] for a in per) / len(per), 4) for k in range(model.n_mtp)]
 
-    before = agreement()
+    before = agreement(val_batches)
+    before_gen = agreement([gen_val]) if n_gen else None
     t0 = time.perf_counter()
     model.train()
     for step in range(1, steps + 1):
-        loss, agree = distill_loss(model, next(train)[:, :-1])
+        loss, agree = distill_loss(model, batch())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(heads, 1.0)
@@ -81,13 +122,17 @@ def run(model_dir: str, out: str, steps: int, batch_size: int = 16, seq_len: int
         if step % log_every == 0 or step == steps:
             print(json.dumps({"step": step, "loss": round(loss.item(), 4), "agree": [round(a, 3) for a in agree],
                               "seconds": round(time.perf_counter() - t0, 1)}), file=sys.stderr)
-    after = agreement()
+    after = agreement(val_batches)
     model.eval()
     save_model(model, out)
     if Path(out).resolve() != Path(model_dir).resolve():
         tok.save(out)
-    return {"steps": steps, "val_agreement_before": before, "val_agreement_after": after,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    res = {"steps": steps, "val_agreement_before": before, "val_agreement_after": after,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    if n_gen:  # on greedy continuations of held-out files: what the engine's drafts face
+        res.update(generated_fraction=generated, val_generated_agreement_before=before_gen,
+                   val_generated_agreement_after=agreement([gen_val]))
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,12 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--generated", type=float, default=0.0,
+                   help="fraction of each batch taken from the model's own greedy continuations (0 to 1)")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
+    if not 0.0 <= args.generated <= 1.0:
+        print(f"error: --generated must be in [0, 1], got {args.generated}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if not Path(args.model).is_dir():
         print(f"error: model directory not found: {args.model}", file=sys.stderr)
         return 2
-    print(json.dumps(run(args.model, args.out, args.steps, args.batch_size, args.seq_len, args.lr)))
+    print(json.dumps(run(args.model, args.out, args.steps, args.batch_size, args.seq_len, args.lr,
+                         generated=args.generated)))
     return 0
