@@ -36,12 +36,14 @@ def _rope_consts(rotary_dim: int, head_dim: int, theta: float, device: torch.dev
     both halves and 0 on the pass-through channels, the rotate-half sign (0 on pass-through), the partner
     channel of each channel."""
     half, rest = rotary_dim // 2, head_dim - rotary_dim
-    f = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
-    zeros = torch.zeros(rest, device=device)
-    inv_freq = torch.cat([f, f, zeros])
-    sign = torch.cat([-torch.ones(half, device=device), torch.ones(half, device=device), zeros])
-    perm = torch.cat([torch.arange(half, rotary_dim), torch.arange(half), torch.arange(rotary_dim, head_dim)])
-    return inv_freq, sign, perm.to(device)
+    # ordinary tensors even when first asked for under inference_mode: training may reuse them with autograd
+    with torch.inference_mode(False):
+        f = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
+        zeros = torch.zeros(rest, device=device)
+        inv_freq = torch.cat([f, f, zeros])
+        sign = torch.cat([-torch.ones(half, device=device), torch.ones(half, device=device), zeros])
+        perm = torch.cat([torch.arange(half, rotary_dim), torch.arange(half), torch.arange(rotary_dim, head_dim)])
+        return inv_freq, sign, perm.to(device)
 
 
 def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, head_dim: int, theta: float, dtype: torch.dtype) -> Rope:

@@ -1,0 +1,34 @@
+"""RoPE tables: the gather form equals the textbook rotate-half form, and tables first made under
+inference_mode (the engine) still work in a training forward afterwards."""
+
+import torch
+
+from mimo.model.layers import apply_rope, rope_cos_sin
+from tests.conftest import make_model
+
+
+def _textbook(x, positions, rd, theta):
+    inv = 1.0 / (theta ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))
+    f = positions.float()[..., None] * inv
+    cos, sin = torch.cat([f, f], -1).cos()[:, :, None], torch.cat([f, f], -1).sin()[:, :, None]
+    xr, xp = x[..., :rd], x[..., rd:]
+    rot = torch.cat([-xr[..., rd // 2:], xr[..., :rd // 2]], -1)
+    return torch.cat([xr * cos + rot * sin, xp], -1)
+
+
+def test_gather_rope_equals_rotate_half():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 10)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [7, 100, 1000, 5, 9]])
+    assert torch.allclose(apply_rope(x, rope_cos_sin(pos, 6, 10, 10000.0, torch.float32)),
+                          _textbook(x, pos, 6, 10000.0), atol=1e-6)
+
+
+def test_rope_tables_from_inference_mode_train_later():
+    model = make_model()
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.inference_mode():
+        model(ids)
+    loss = model(ids).logsumexp(-1).mean()
+    loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None
