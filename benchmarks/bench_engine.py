@@ -99,8 +99,10 @@ def main() -> None:
         row = {k: decode_ms_per_token(llm, prompts, mt, k) for k in range(llm.model.n_mtp + 1)}
         print(f"  {name:<10} transformers {t_hf:7.2f} ms/token")
         for k, (ms, al) in row.items():
+            # cost of one verify step (+ its drafting round) in plain decode steps: speedup = AL / this
             print(f"  {name:<10} engine k={k}   {ms:7.2f} ms/token  AL {al:.2f}  "
-                  f"{t_hf / ms:5.2f}x transformers  {row[0][0] / ms:5.2f}x MTP-off")
+                  f"{t_hf / ms:5.2f}x transformers  {row[0][0] / ms:5.2f}x MTP-off  "
+                  f"step cost {ms * al / row[0][0]:4.2f}x a plain step")
 
     print("\n1b. sampled decode (temperature 0.7, top-p 0.95), batch 1: mean acceptance length with all drafts")
     for name, prompts in (("code", code), ("chat tasks", chat)):
