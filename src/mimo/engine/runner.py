@@ -105,7 +105,8 @@ class ModelRunner:
                 hid.append(st.rows(lo, n))
                 lengths.append(n - lo)
                 st.valid[k] = n - k
-            u = self.model.mtp_hidden(k, torch.cat(hid)[None], torch.tensor([ids], device=self.device),
+            hidden = hid[0] if len(hid) == 1 else torch.cat(hid)
+            u = self.model.mtp_hidden(k, hidden[None], torch.tensor([ids], device=self.device),
                                       torch.tensor([pos], device=self.device), view_for[live])[0]
             last = list(itertools.accumulate(lengths))  # each live sequence's row for its last position, + 1
             rows = u[-1:] if len(last) == 1 else u[torch.tensor(last, device=u.device) - 1]

@@ -100,12 +100,15 @@ class Experts(nn.Module):
         token_of = order // K  # pair p = n * K + k belongs to token n
         x_sorted = x_ND[token_of]
         w_sorted = w_NK.reshape(-1)[order].unsqueeze(-1)
-        gate, up, down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        if torch.is_grad_enabled() and gate.requires_grad:  # without autograd, indexing the few used is cheaper
+            gate, up, down = gate.unbind(0), up.unbind(0), down.unbind(0)
         outs = [F.linear(F.silu(F.linear(xs, gate[e])) * F.linear(xs, up[e]), down[e])
                 for e, xs in enumerate(x_sorted.split(counts)) if xs.shape[0]]
         out_sorted = torch.cat(outs) if outs else x_sorted
         out = torch.zeros_like(x_ND)
-        out.index_add_(0, token_of, (out_sorted * w_sorted).to(x_ND.dtype))
+        y = out_sorted * w_sorted
+        out.index_add_(0, token_of, y if y.dtype == x_ND.dtype else y.to(x_ND.dtype))
         return out
 
     def _pairs(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
