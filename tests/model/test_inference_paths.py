@@ -1,5 +1,6 @@
-"""RoPE tables: the gather form equals the textbook rotate-half form, and tables first made under
-inference_mode (the engine) still work in a training forward afterwards."""
+"""Op-saving forms used on the decode path: RoPE as a gather (equals the textbook rotate-half form; its cached
+constants made under inference_mode still work in training), and the fused q/k/v weight kept under
+inference_mode (follows in-place updates and replaced parameters)."""
 
 import torch
 
@@ -32,3 +33,23 @@ def test_rope_tables_from_inference_mode_train_later():
     loss = model(ids).logsumexp(-1).mean()
     loss.backward()
     assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_fused_qkv_weight_follows_in_place_updates_and_replacement():
+    model = make_model()
+    attn = model.model.layers[0].self_attn
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.inference_mode():
+        before = model(ids)
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(1.5)  # in place (an optimizer step)
+    with torch.inference_mode():
+        after = model(ids)
+    with torch.no_grad():
+        expected = model(ids)  # no cache outside inference_mode
+    assert not torch.equal(before, after) and torch.equal(after, expected)
+    attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight.detach() * 0.5)  # replaced
+    with torch.inference_mode():
+        after2 = model(ids)
+    with torch.no_grad():
+        assert torch.equal(after2, model(ids))
