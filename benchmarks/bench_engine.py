@@ -36,31 +36,38 @@ def chat_prompts(tok, n=6):
     return [tok.encode_chat(task_lib.to_messages(e, with_answer=False)) for e in exs]
 
 
-def decode_ms_per_token(llm, prompts, max_tokens, k):
-    """Batch 1: one request at a time; returns (ms per generated token, mean acceptance length)."""
+def decode_table(llm, hf, prompts, max_tokens, ks, rounds):
+    """Batch 1, one request at a time. Every prompt runs under every configuration (transformers `generate`,
+    then the engine with k = 0..3 drafts) back to back, `rounds` times; a (prompt, configuration) pair keeps
+    its fastest round, so machine load that comes and goes hits all configurations alike.
+    Returns {config: (ms per generated token, mean acceptance length)}; config "hf" is transformers."""
     sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    llm.generate(prompts[0], sp, num_speculative_tokens=k)  # warm-up
-    n_tok, t_total, acc, ver = 0, 0.0, 0, 0
-    for p in prompts:
-        t0 = time.perf_counter()
-        o = llm.generate(p, sp, num_speculative_tokens=k)[0]
-        t_total += time.perf_counter() - t0
-        n_tok += len(o.token_ids)
-        acc += o.metrics.num_accepted
-        ver += o.metrics.num_verify_steps
-    return 1000 * t_total / n_tok, (1 + acc / ver) if ver else 1.0
 
-
-def hf_ms_per_token(hf, prompts, max_tokens):
-    ids = [torch.tensor([p]) for p in prompts]
-    hf.generate(ids[0], max_new_tokens=4, do_sample=False)
-    n, t = 0, 0.0
-    for x in ids:
+    def run(cfg, p):
         t0 = time.perf_counter()
-        out = hf.generate(x, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
-        t += time.perf_counter() - t0
-        n += out.shape[1] - x.shape[1]
-    return 1000 * t / n
+        if cfg == "hf":
+            x = torch.tensor([p])
+            out = hf.generate(x, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+            return time.perf_counter() - t0, out.shape[1] - x.shape[1], 0, 0
+        o = llm.generate(p, sp, num_speculative_tokens=cfg)[0]
+        return time.perf_counter() - t0, len(o.token_ids), o.metrics.num_accepted, o.metrics.num_verify_steps
+
+    cfgs = ["hf", *ks]
+    for cfg in cfgs:  # warm-up
+        run(cfg, prompts[0])
+    best: dict[tuple, tuple] = {}
+    for _ in range(rounds):
+        for i, p in enumerate(prompts):
+            for cfg in cfgs:
+                r = run(cfg, p)
+                if (cfg, i) not in best or r[0] < best[cfg, i][0]:
+                    best[cfg, i] = r
+    table = {}
+    for cfg in cfgs:
+        rows = [best[cfg, i] for i in range(len(prompts))]
+        t, n, acc, ver = (sum(col) for col in zip(*rows))
+        table[cfg] = (1000 * t / n, (1 + acc / ver) if ver else 1.0)
+    return table
 
 
 def hf_cache_bytes(hf, n_tokens, vocab):
@@ -78,6 +85,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="fewer prompts and lengths")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the batch-1 decode table")
     args = ap.parse_args()
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
@@ -92,17 +100,17 @@ def main() -> None:
 
     code = [tok.encode(p) for p in CODE_PROMPTS[: 3 if args.quick else 6]]
     chat = chat_prompts(tok, 3 if args.quick else 6)
-    print("\n1. batch-1 greedy decode (ms/token, mean acceptance length)")
+    print(f"\n1. batch-1 greedy decode (ms/token, mean acceptance length; fastest of {args.rounds} interleaved rounds)")
     for name, prompts in (("code", code), ("chat tasks", chat)):
         mt = args.max_tokens if name == "code" else 16
-        t_hf = hf_ms_per_token(hf, prompts, mt)
-        row = {k: decode_ms_per_token(llm, prompts, mt, k) for k in range(llm.model.n_mtp + 1)}
+        table = decode_table(llm, hf, prompts, mt, range(llm.model.n_mtp + 1), args.rounds)
+        t_hf, t_off = table.pop("hf")[0], table[0][0]
         print(f"  {name:<10} transformers {t_hf:7.2f} ms/token")
-        for k, (ms, al) in row.items():
+        for k, (ms, al) in table.items():
             # cost of one verify step (+ its drafting round) in plain decode steps: speedup = AL / this
             print(f"  {name:<10} engine k={k}   {ms:7.2f} ms/token  AL {al:.2f}  "
-                  f"{t_hf / ms:5.2f}x transformers  {row[0][0] / ms:5.2f}x MTP-off  "
-                  f"step cost {ms * al / row[0][0]:4.2f}x a plain step")
+                  f"{t_hf / ms:5.2f}x transformers  {t_off / ms:5.2f}x MTP-off  "
+                  f"step cost {ms * al / t_off:4.2f}x a plain step")
 
     print("\n1b. sampled decode (temperature 0.7, top-p 0.95), batch 1: mean acceptance length with all drafts")
     for name, prompts in (("code", code), ("chat tasks", chat)):

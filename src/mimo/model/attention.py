@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SLIDING, ModelConfig
-from .layers import Rope, apply_rope
+from .layers import ConcatWeights, Rope, apply_rope
 
 
 def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -31,23 +31,31 @@ def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     returns [B, T, H, Dv]. Softmax in fp32.
     """
     B, T, H, D = q.shape
-    K = k.shape[2]
+    K, S, Dv = k.shape[2], k.shape[1], v.shape[-1]
     G = H // K
-    qg = q.view(B, T, K, G, D).permute(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-    kg = k.permute(0, 2, 1, 3).unsqueeze(2)  # [B, K, 1, S, D]
-    vg = v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, K, 1, S, Dv]
-    scores = torch.matmul(qg, kg.transpose(-1, -2))  # [B, K, G, T, S]
+    # each kv head's G query heads and T queries as one row block: [B, K, G * T, D], row g * T + t, so both
+    # products are plain batched matmuls (no broadcast copy of k / v per query head)
+    if T == 1:
+        qg = q.view(B, K, G, D)
+    else:
+        qg = q.view(B, T, K, G, D).permute(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
+    scores = torch.matmul(qg, k.transpose(1, 2).transpose(-1, -2))  # [B, K, G * T, S]
     scores = scores * scale if scores.dtype == torch.float32 else scores.float() * scale
     if mask is not None:
+        mask = mask.reshape(-1, 1, T, S)  # [B or 1, 1, T, S]
+        if T > 1:
+            mask = mask.unsqueeze(2).expand(-1, 1, G, T, S).reshape(-1, 1, G * T, S)
         scores = torch.where(mask, scores, float("-inf"))
     if sinks is not None:
-        sink = sinks.view(1, K, G, 1, 1).expand(B, K, G, T, 1)
+        sink = sinks.view(1, K, G, 1).expand(B, K, G, T).reshape(B, K, G * T, 1)
         sink = sink if sink.dtype == scores.dtype else sink.float()
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs if probs.dtype == v.dtype else probs.to(v.dtype), vg)  # [B, K, G, T, Dv]
-    return out.permute(0, 3, 1, 2, 4).reshape(B, T, H, v.shape[-1])
+    out = torch.matmul(probs if probs.dtype == v.dtype else probs.to(v.dtype), v.transpose(1, 2))  # [B, K, G*T, Dv]
+    if T == 1:
+        return out.view(B, 1, H, Dv)
+    return out.view(B, K, G, T, Dv).permute(0, 3, 1, 2, 4).reshape(B, T, H, Dv)
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -134,23 +142,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, K * Dv, bias=False)
         self.o_proj = nn.Linear(H * Dv, config.dim, bias=False)
         self.attention_sink_bias = nn.Parameter(torch.zeros(H)) if config.has_sink(layer_type) else None
-        self._qkv: tuple[tuple, torch.Tensor] | None = None
+        self._qkv = ConcatWeights()
 
     def qkv_weight(self) -> torch.Tensor:
-        """q, k and v projections as one [(H + K) * D + K * Dv, dim] matrix, so a forward runs one GEMM.
-
-        The parameters stay separate (the checkpoint's names). Under inference_mode (the engine) the
-        concatenation is kept and rebuilt only when a weight is replaced or changed in place (decode steps are
-        dispatch-bound: one linear instead of three is ~7% of a decode forward); otherwise it is made per call
-        (with autograd, part of the graph; FSDP may refill a parameter's storage without a version bump)."""
-        ws = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-        if not torch.is_inference_mode_enabled():
-            return torch.cat(ws)
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in ws)
-        if self._qkv is None or self._qkv[0] != key:
-            with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, reusable outside
-                self._qkv = (key, torch.cat(ws))
-        return self._qkv[1]
+        """q, k and v projections as one [(H + K) * D + K * Dv, dim] matrix, so a forward runs one GEMM."""
+        return self._qkv(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
 
     def forward(self, x: torch.Tensor, rope: Rope, positions: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, _ = x.shape

@@ -72,14 +72,39 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return x * cos + torch.index_select(x, -1, perm) * sin
 
 
+class ConcatWeights:
+    """Several projection weights concatenated along dim 0, so the projections run as one GEMM; the
+    parameters themselves stay separate (the checkpoint's names).
+
+    Under inference_mode (the engine) the result is kept and rebuilt only when a weight is replaced or changed
+    in place: decode steps are dispatch-bound, and one linear instead of three is ~7% of a decode forward.
+    Otherwise it is made per call (with autograd it is part of the graph; FSDP may refill a parameter's
+    storage without a version bump, so nothing is kept)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: torch.Tensor | None = None
+
+    def __call__(self, *ws: torch.Tensor) -> torch.Tensor:
+        if not torch.is_inference_mode_enabled():
+            return torch.cat(ws)
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in ws)
+        if self._key != key:
+            with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, reusable outside
+                self._key, self._value = key, torch.cat(ws)
+        return self._value
+
+
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one GEMM."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self._gate_up = ConcatWeights()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self._gate_up(self.gate_proj.weight, self.up_proj.weight)).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

@@ -51,7 +51,7 @@ class Router(nn.Module):
         return torch.sigmoid(F.linear(x_ND, w))
 
     def select(self, scores_NE: torch.Tensor) -> torch.Tensor:
-        choice_NE = scores_NE.detach() + self.e_score_correction_bias
+        choice_NE = (scores_NE.detach() if scores_NE.requires_grad else scores_NE) + self.e_score_correction_bias
         if self.n_group > 1 and self.topk_group < self.n_group:
             N, E = choice_NE.shape
             grouped = choice_NE.view(N, self.n_group, E // self.n_group)
@@ -112,14 +112,15 @@ class Experts(nn.Module):
         return out
 
     def _pairs(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-        w_NK = w_NK.to(x_ND.dtype)
+        N = x_ND.shape[0]
+        w_NK = w_NK if w_NK.dtype == x_ND.dtype else w_NK.to(x_ND.dtype)
         rows = []
         for n, experts in enumerate(ids_NK.tolist()):
-            x = x_ND[n]
-            ys = torch.stack([F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]),
-                                       self.down_proj[e]) for e in experts])  # [K, D]
-            rows.append(w_NK[n] @ ys)
-        return torch.stack(rows) if len(rows) > 1 else rows[0][None]
+            x, w = (x_ND, w_NK) if N == 1 else (x_ND[n:n + 1], w_NK[n:n + 1])  # [1, D], [1, K]
+            ys = torch.cat([F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]),
+                                     self.down_proj[e]) for e in experts])  # [K, D]
+            rows.append(w @ ys)
+        return rows[0] if N == 1 else torch.cat(rows)
 
     def forward_ref(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """Slow reference: every (token, slot) pair on its own."""
