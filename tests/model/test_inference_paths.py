@@ -53,3 +53,19 @@ def test_fused_qkv_weight_follows_in_place_updates_and_replacement():
         after2 = model(ids)
     with torch.no_grad():
         assert torch.equal(after2, model(ids))
+
+
+def test_rmsnorm_small_batch_form_equals_written_out_form():
+    from mimo.model.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(48, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(1, 3, 48) * 5
+    with torch.no_grad():
+        small = norm(x)  # layer_norm over [x, -x]
+        norm.SMALL_ROWS = 0
+        written = norm(x)
+    assert torch.allclose(small, written, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(norm.weight, torch.ones(48))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SLIDING, ModelConfig
-from .layers import ConcatWeights, Rope, apply_rope
+from .layers import DerivedWeights, Rope, apply_rope
 
 
 def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -142,7 +142,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, K * Dv, bias=False)
         self.o_proj = nn.Linear(H * Dv, config.dim, bias=False)
         self.attention_sink_bias = nn.Parameter(torch.zeros(H)) if config.has_sink(layer_type) else None
-        self._qkv = ConcatWeights()
+        self._qkv = DerivedWeights(torch.cat)
 
     def qkv_weight(self) -> torch.Tensor:
         """q, k and v projections as one [(H + K) * D + K * Dv, dim] matrix, so a forward runs one GEMM."""

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .layers import DerivedWeights
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, I, D))
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self._views = DerivedWeights(lambda ws: tuple(w.unbind(0) for w in ws))  # per-expert matrices
 
     # a single token (batch-1 decode) runs its K (token, expert) pairs one by one on weight views: no sort, no
     # copy. From two tokens on, the sorted grouped path was faster, and so was it against running every expert
@@ -115,10 +117,11 @@ class Experts(nn.Module):
         N = x_ND.shape[0]
         w_NK = w_NK if w_NK.dtype == x_ND.dtype else w_NK.to(x_ND.dtype)
         rows = []
+        gate, up, down = self._views(self.gate_proj, self.up_proj, self.down_proj)
         for n, experts in enumerate(ids_NK.tolist()):
             x, w = (x_ND, w_NK) if N == 1 else (x_ND[n:n + 1], w_NK[n:n + 1])  # [1, D], [1, K]
-            ys = torch.cat([F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]),
-                                     self.down_proj[e]) for e in experts])  # [K, D]
+            ys = torch.cat([F.linear(F.silu(F.linear(x, gate[e])) * F.linear(x, up[e]), down[e])
+                            for e in experts])  # [K, D]
             rows.append(w @ ys)
         return rows[0] if N == 1 else torch.cat(rows)
 
