@@ -102,9 +102,7 @@ class Experts(nn.Module):
         token_of = order // K  # pair p = n * K + k belongs to token n
         x_sorted = x_ND[token_of]
         w_sorted = w_NK.reshape(-1)[order].unsqueeze(-1)
-        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        if torch.is_grad_enabled() and gate.requires_grad:  # without autograd, indexing the few used is cheaper
-            gate, up, down = gate.unbind(0), up.unbind(0), down.unbind(0)
+        gate, up, down = self._views(self.gate_proj, self.up_proj, self.down_proj)
         outs = [F.linear(F.silu(F.linear(xs, gate[e])) * F.linear(xs, up[e]), down[e])
                 for e, xs in enumerate(x_sorted.split(counts)) if xs.shape[0]]
         out_sorted = torch.cat(outs) if outs else x_sorted
