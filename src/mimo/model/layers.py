@@ -20,16 +20,19 @@ class DerivedWeights:
 
     def __init__(self, fn) -> None:
         self.fn = fn
-        self._key: tuple | None = None
+        self._ws: tuple[torch.Tensor, ...] = ()
+        self._versions: list[int] = []
         self._value = None
 
     def __call__(self, *ws: torch.Tensor):
         if not torch.is_inference_mode_enabled():
             return self.fn(ws)
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in ws)
-        if self._key != key:
+        versions = [w._version for w in ws]
+        # the same tensor objects (held here, so none can be freed and its address reused) at the same versions
+        if len(ws) != len(self._ws) or versions != self._versions or any(a is not b for a, b in zip(ws, self._ws)):
             with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, reusable outside
-                self._key, self._value = key, self.fn(ws)
+                self._value = self.fn(ws)
+            self._ws, self._versions = ws, versions
         return self._value
 
 
