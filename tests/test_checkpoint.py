@@ -42,7 +42,7 @@ def test_round_trip_official_names_and_logits(model, saved):
     for e in range(E):
         for proj in ("gate_proj", "up_proj", "down_proj"):
             assert f"model.layers.1.mlp.experts.{e}.{proj}.weight" in keys
-    assert not any(k.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")) for k in keys)
+    assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in keys)
     assert {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.e_score_correction_bias",
             "model.layers.1.self_attn.attention_sink_bias", "model.mtp.layers.2.eh_proj.weight",
             "model.mtp.layers.0.pre_mlp_layernorm.weight", "lm_head.weight"} <= keys
@@ -65,10 +65,12 @@ def test_meta_device_load_leaves_nothing_on_meta(saved):
     tensors = [*loaded.named_parameters(), *loaded.named_buffers()]
     assert tensors and not [n for n, t in tensors if t.is_meta or t.device.type != "cpu"]
     assert all(p.requires_grad for p in loaded.parameters())
-    # the stacked experts are filled from the per-expert tensors, in order
+    # the stacked experts are filled from the per-expert tensors, in order: gate rows, then up rows
     raw = load_file(saved / "model.safetensors")
-    assert torch.equal(loaded.model.layers[2].mlp.experts.up_proj[5],
-                       raw["model.layers.2.mlp.experts.5.up_proj.weight"])
+    gate_up = loaded.model.layers[2].mlp.experts.gate_up_proj[5]
+    I = gate_up.shape[0] // 2
+    assert torch.equal(gate_up[:I], raw["model.layers.2.mlp.experts.5.gate_proj.weight"])
+    assert torch.equal(gate_up[I:], raw["model.layers.2.mlp.experts.5.up_proj.weight"])
 
 
 def test_sharded_round_trip_and_layout_switch(model, tmp_path):
@@ -117,7 +119,7 @@ def test_dtype_cast_keeps_router_fp32_and_tied_head(tmp_path):
     assert m.model.embed_tokens.weight.dtype == torch.bfloat16
     assert m.lm_head.weight is m.model.embed_tokens.weight  # still tied after assignment
     m32 = load_model(tmp_path, dtype=torch.float32)
-    assert m32.model.layers[1].mlp.experts.gate_proj.dtype == torch.float32
+    assert m32.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.float32
     assert m32.model.layers[1].mlp.gate.weight.dtype == torch.float32
     # the fp32 reload is the original model with its non-router weights rounded to bf16
     rounded = copy.deepcopy(tied)

@@ -148,7 +148,7 @@ def test_small_batch_paths_equal_grouped_and_reference(n):
     and forward picks the pair loop for a single token."""
     model = make_model()
     experts = model.model.layers[1].mlp.experts
-    E, K = experts.gate_proj.shape[0], model.config.n_active_experts
+    E, K = experts.gate_up_proj.shape[0], model.config.n_active_experts
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, model.config.dim, generator=g)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(n)])

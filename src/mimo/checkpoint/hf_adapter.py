@@ -1,17 +1,15 @@
 """Name and shape mapping between mimo's in-memory parameters and checkpoint tensor names.
 
-mimo's parameter names are the official checkpoint names except the routed experts, which mimo stacks:
+mimo's parameter names are the official checkpoint names except the routed experts, which mimo stacks (the
+layout of transformers' in memory, so its native names load as they are):
 
-| mimo (in memory)                    | official checkpoint (one tensor per expert E) |
-|-------------------------------------|-----------------------------------------------|
-| `P.mlp.experts.gate_proj` [E, I, D] | `P.mlp.experts.E.gate_proj.weight` [I, D]     |
-| `P.mlp.experts.up_proj`   [E, I, D] | `P.mlp.experts.E.up_proj.weight`   [I, D]     |
-| `P.mlp.experts.down_proj` [E, D, I] | `P.mlp.experts.E.down_proj.weight` [D, I]     |
+| mimo (in memory)                          | official checkpoint (one tensor per expert E)     |
+|-------------------------------------------|---------------------------------------------------|
+| `P.mlp.experts.gate_up_proj` [E, 2I, D]   | rows [0, I): `P.mlp.experts.E.gate_proj.weight` [I, D] |
+|                                           | rows [I, 2I): `P.mlp.experts.E.up_proj.weight` [I, D]  |
+| `P.mlp.experts.down_proj` [E, D, I]       | `P.mlp.experts.E.down_proj.weight` [D, I]         |
 
-transformers' in-memory (native) names are also accepted on load:
-- `P.mlp.experts.gate_up_proj` [E, 2I, D]: gate rows first, then up rows;
-- `P.mlp.experts.down_proj` [E, D, I]: the same name and layout as mimo's;
-- `P.self_attn.sinks` [H] for `P.self_attn.attention_sink_bias`.
+transformers' `P.self_attn.sinks` [H] is also accepted on load for `P.self_attn.attention_sink_bias`.
 
 FP8 scale grids (`<weight>_scale_inv`) are attached to their weight here and dequantised by the loader.
 """
@@ -29,9 +27,8 @@ from .fp8 import SCALE_SUFFIX
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 _EXPERT_RE = re.compile(
     r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-_FUSED_RE = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.gate_up_proj$")
 _SINK_RE = re.compile(r"^(?P<prefix>.+\.self_attn)\.sinks$")
-_STACKED_RE = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+_STACKED_RE = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
 _MTP_RE = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
 _LAYER_RE = re.compile(r"^model\.(?:layers|mtp\.layers)\.(\d+)\.")
 
@@ -48,24 +45,36 @@ def expert_name(prefix: str, e: int, proj: str) -> str:
     return f"{prefix}.{e}.{proj}.weight"
 
 
-def to_checkpoint(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """mimo name + tensor -> official (name, tensor) pairs; a stacked expert tensor yields E views."""
+def expert_pieces(name: str, shape: tuple[int, ...]) -> Iterator[tuple[str, int, slice]]:
+    """Official (name, expert, row range) of each piece of a stacked expert tensor: gate_up_proj [E, 2I, D]
+    gives expert e's gate_proj (rows [0, I)) then up_proj (rows [I, 2I)); down_proj [E, D, I] one each."""
     m = _STACKED_RE.match(name)
-    if m is None:
+    if m["proj"] == "down_proj":
+        for e in range(shape[0]):
+            yield expert_name(m["prefix"], e, "down_proj"), e, slice(None)
+        return
+    half = shape[1] // 2
+    for e in range(shape[0]):
+        yield expert_name(m["prefix"], e, "gate_proj"), e, slice(0, half)
+        yield expert_name(m["prefix"], e, "up_proj"), e, slice(half, None)
+
+
+def to_checkpoint(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """mimo name + tensor -> official (name, tensor) pairs; a stacked expert tensor yields per-expert views."""
+    if _STACKED_RE.match(name) is None:
         yield name, tensor
         return
-    for e in range(tensor.shape[0]):
-        yield expert_name(m["prefix"], e, m["proj"]), tensor[e]
+    for ck, e, rows in expert_pieces(name, tuple(tensor.shape)):
+        yield ck, tensor[e, rows]
 
 
 def checkpoint_shapes(name: str, shape: tuple[int, ...]) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Like `to_checkpoint` but for shapes only (used to plan shards without touching data)."""
-    m = _STACKED_RE.match(name)
-    if m is None:
+    if _STACKED_RE.match(name) is None:
         yield name, shape
         return
-    for e in range(shape[0]):
-        yield expert_name(m["prefix"], e, m["proj"]), tuple(shape[1:])
+    for ck, _, rows in expert_pieces(name, shape):
+        yield ck, (len(range(shape[1])[rows]), *shape[2:])
 
 
 def count_mtp_layers(names: list[str] | set[str]) -> int:
@@ -78,14 +87,13 @@ def count_mtp_layers(names: list[str] | set[str]) -> int:
 class Source:
     """Where the tensor for one mimo name comes from.
 
-    kind "whole": `names[0]` is the tensor itself; "experts": `experts[e]` is expert e's [I, D] / [D, I]
-    slice of a stacked [E, ...] tensor; "fused_gate" / "fused_up": the first / second half of dim 1 of the
-    transformers-native `gate_up_proj` [E, 2I, D] stored under `names[0]`.
+    kind "whole": `names[0]` is the tensor itself; "experts": `experts[(e, proj)]` is expert e's [I, D] /
+    [D, I] piece (proj gate_proj / up_proj / down_proj) of a stacked [E, ...] tensor.
     """
 
     kind: str
     names: list[str] = field(default_factory=list)
-    experts: dict[int, str] = field(default_factory=dict)
+    experts: dict[tuple[int, str], str] = field(default_factory=dict)
 
 
 def plan_sources(
@@ -102,12 +110,12 @@ def plan_sources(
     sources: dict[str, Source] = {}
     conflicts: list[tuple[str, str]] = []
 
-    def add_whole(target: str, ck: str, kind: str = "whole") -> None:
+    def add_whole(target: str, ck: str) -> None:
         if target in sources:
             first = sources[target].names or "per-expert tensors"
             conflicts.append((target, f"given twice, by {first} and {ck!r}"))
             return
-        sources[target] = Source(kind, [ck])
+        sources[target] = Source("whole", [ck])
 
     for ck in sorted(names):
         if ck.endswith(SCALE_SUFFIX):
@@ -118,15 +126,12 @@ def plan_sources(
             add_whole(ck, ck)  # orphan scale: reported as unexpected
             continue
         if m := _EXPERT_RE.match(ck):
-            target = f"{m['prefix']}.{m['proj']}"
+            target = f"{m['prefix']}.{'down_proj' if m['proj'] == 'down_proj' else 'gate_up_proj'}"
             src = sources.setdefault(target, Source("experts"))
             if src.kind != "experts":
                 conflicts.append((target, f"given both stacked ({src.names[0]!r}) and per expert ({ck!r})"))
                 continue
-            src.experts[int(m["e"])] = ck
-        elif m := _FUSED_RE.match(ck):
-            add_whole(f"{m['prefix']}.gate_proj", ck, "fused_gate")
-            add_whole(f"{m['prefix']}.up_proj", ck, "fused_up")
+            src.experts[(int(m["e"]), m["proj"])] = ck
         elif m := _SINK_RE.match(ck):
             add_whole(f"{m['prefix']}.attention_sink_bias", ck)
         else:

@@ -6,7 +6,7 @@ On disk: `config.json` (hub + transformers-native spellings) and `model.safetens
 weights (`float8_e4m3fn` + `<name>_scale_inv`) are dequantised on load.
 
 Loading builds the model on the meta device and then assigns each tensor as it is read, so the weights
-exist once in memory (at most one extra expert-stack or fused tensor in flight).
+exist once in memory (plus the one checkpoint tensor being read).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .hf_adapter import (
     Source,
     checkpoint_shapes,
     count_mtp_layers,
-    expert_name,
+    expert_pieces,
     head_segments,
     keep_fp32,
     plan_sources,
@@ -131,7 +131,6 @@ class _Loader:
         self.cfg = cfg
         self.kv_heads = {t: cfg.attn_shape(t)[1] for t in (FULL, SLIDING)}
         self.q_heads = {t: cfg.attn_shape(t)[0] for t in (FULL, SLIDING)}
-        self._fused_cache: dict[str, torch.Tensor] = {}
 
     def target_dtype(self, name: str) -> torch.dtype:
         return torch.float32 if keep_fp32(name) else self.dtype
@@ -170,31 +169,22 @@ class _Loader:
         if src.kind == "whole":
             ck = src.names[0]
             return self.read(ck, scales.get(ck), expected, name).to(device=self.device, dtype=out_dtype)
-        if src.kind in ("fused_gate", "fused_up"):
-            ck = src.names[0]
-            E, I, D = expected
-            fused = self._fused_cache.pop(ck, None)
-            if fused is None:
-                fused = self.read(ck, scales.get(ck), [E, 2 * I, D], name)
-                self._fused_cache[ck] = fused  # the other half is read next
-            half = fused[:, :I] if src.kind == "fused_gate" else fused[:, I:]
-            return half.to(device=self.device, dtype=out_dtype).contiguous()
-        # per-expert tensors -> one stacked [E, ...] tensor, filled expert by expert
-        prefix, _, proj = name.rpartition(".")
+        # per-expert tensors -> one stacked [E, ...] tensor, filled piece by piece
         E = expected[0]
-        extra = sorted(e for e in src.experts if e >= E)
+        extra = sorted(k for k in src.experts if k[0] >= E)
         if extra:
             ck = src.experts[extra[0]]
             raise CheckpointError(f"unexpected tensor {ck!r} in {self.reader.where(ck)}: the config has "
                                   f"{E} routed experts (0..{E - 1})")
         out = torch.empty(expected, dtype=out_dtype, device=self.device)
-        for e in range(E):
-            ck = src.experts.get(e)
+        for official, e, rows in expert_pieces(name, tuple(expected)):
+            piece = out[e, rows]
+            ck = src.experts.get((e, official.rsplit(".", 2)[-2]))
             if ck is None:
                 raise CheckpointError(
-                    f"missing tensor {expert_name(prefix, e, proj)!r} (expected shape "
-                    f"{_fmt_shape(expected[1:])}, floating point) in {self.reader.directory}")
-            out[e] = self.read(ck, scales.get(ck), expected[1:], name)
+                    f"missing tensor {official!r} (expected shape {_fmt_shape(piece.shape)}, floating point) "
+                    f"in {self.reader.directory}")
+            piece.copy_(self.read(ck, scales.get(ck), list(piece.shape), name))
         return out
 
 
@@ -283,8 +273,7 @@ def _load_from_reader(model: nn.Module, reader: _Reader, dtype: torch.dtype | No
     for name, names in canonical.items():
         if not any(n in sources for n in names):
             ref = refs[name]
-            official = next(iter(n for n, _ in checkpoint_shapes(name, tuple(ref.shape))))
-            shape = list(ref.shape) if official == name else list(ref.shape[1:])
+            official, shape = next(iter(checkpoint_shapes(name, tuple(ref.shape))))
             want = "float32" if keep_fp32(name) else "floating point"
             raise CheckpointError(f"missing tensor {official!r} (expected shape {_fmt_shape(shape)}, {want}) "
                                   f"in {directory}")

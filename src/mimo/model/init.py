@@ -44,8 +44,9 @@ def init_weights(model: nn.Module, std: float | None = None, seed: int | None = 
         elif isinstance(mod, RMSNorm):
             mod.weight.fill_(1.0)
         elif isinstance(mod, Experts):
-            normal_(mod.gate_proj, std)
-            normal_(mod.up_proj, std)
+            I = mod.down_proj.shape[2]
+            normal_(mod.gate_up_proj[:, :I], std)  # gate then up: the draws of two separate [E, I, D] tensors
+            normal_(mod.gate_up_proj[:, I:], std)
             normal_(mod.down_proj, out_std)
         elif isinstance(mod, Router):
             normal_(mod.weight, std)

@@ -70,15 +70,21 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts stored as stacked weights (checkpoints split them per expert)."""
+    """E SwiGLU experts stored as stacked weights, gate and up rows of an expert together (transformers'
+    in-memory layout; checkpoints split them per expert and projection): gate_up_proj [E, 2I, D] (rows
+    [0, I) gate, [I, 2I) up), down_proj [E, D, I]. One GEMM gives an expert's gate and up."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         E, I, D = config.n_experts, config.moe_intermediate_size, config.dim
-        self.gate_proj = nn.Parameter(torch.empty(E, I, D))
-        self.up_proj = nn.Parameter(torch.empty(E, I, D))
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self._views = DerivedWeights(lambda ws: tuple(w.unbind(0) for w in ws))  # per-expert matrices
+
+    @staticmethod
+    def _swiglu(h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     # a single token (batch-1 decode) runs its K (token, expert) pairs one by one on weight views: no sort, no
     # copy. From two tokens on, the sorted grouped path was faster, and so was it against running every expert
@@ -98,12 +104,12 @@ class Experts(nn.Module):
             return self._pairs(x_ND, ids_NK, w_NK)
         flat = ids_NK.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
         token_of = order // K  # pair p = n * K + k belongs to token n
         x_sorted = x_ND[token_of]
         w_sorted = w_NK.reshape(-1)[order].unsqueeze(-1)
-        gate, up, down = self._views(self.gate_proj, self.up_proj, self.down_proj)
-        outs = [F.linear(F.silu(F.linear(xs, gate[e])) * F.linear(xs, up[e]), down[e])
+        gate_up, down = self._views(self.gate_up_proj, self.down_proj)
+        outs = [F.linear(self._swiglu(F.linear(xs, gate_up[e])), down[e])
                 for e, xs in enumerate(x_sorted.split(counts)) if xs.shape[0]]
         out_sorted = torch.cat(outs) if outs else x_sorted
         out = torch.zeros_like(x_ND)
@@ -115,11 +121,10 @@ class Experts(nn.Module):
         N = x_ND.shape[0]
         w_NK = w_NK if w_NK.dtype == x_ND.dtype else w_NK.to(x_ND.dtype)
         rows = []
-        gate, up, down = self._views(self.gate_proj, self.up_proj, self.down_proj)
+        gate_up, down = self._views(self.gate_up_proj, self.down_proj)
         for n, experts in enumerate(ids_NK.tolist()):
             x, w = (x_ND, w_NK) if N == 1 else (x_ND[n:n + 1], w_NK[n:n + 1])  # [1, D], [1, K]
-            ys = torch.cat([F.linear(F.silu(F.linear(x, gate[e])) * F.linear(x, up[e]), down[e])
-                            for e in experts])  # [K, D]
+            ys = torch.cat([F.linear(self._swiglu(F.linear(x, gate_up[e])), down[e]) for e in experts])  # [K, D]
             rows.append(w @ ys)
         return rows[0] if N == 1 else torch.cat(rows)
 
@@ -130,7 +135,8 @@ class Experts(nn.Module):
             for j in range(ids_NK.shape[1]):
                 e = int(ids_NK[n, j])
                 x = x_ND[n]
-                h = F.silu(self.gate_proj[e] @ x) * (self.up_proj[e] @ x)
+                I = self.down_proj.shape[2]
+                h = F.silu(self.gate_up_proj[e, :I] @ x) * (self.gate_up_proj[e, I:] @ x)
                 out[n] += (w_NK[n, j] * (self.down_proj[e] @ h)).to(out.dtype)
         return out
 
