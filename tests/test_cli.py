@@ -30,3 +30,6 @@ def test_bad_input_gives_one_error_line(capsys):
     assert len(err) == 1 and "unknown preset 'nope'" in err[0]
     assert main(["generate", "--prompt", "x", "--max-tokens", "0"]) == 1
     assert "max_tokens" in capsys.readouterr().err
+    assert main(["distill-mtp", "--model", "models/mimo-tiny", "--out", "unused", "--generated", "1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--generated must be in [0, 1]" in err[0]
