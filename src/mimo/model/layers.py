@@ -1,4 +1,5 @@
-"""Leaf modules: RMSNorm, partial NeoX RoPE, SwiGLU MLP."""
+"""Leaf modules (RMSNorm, partial NeoX RoPE, SwiGLU MLP) and DerivedWeights, the inference-time cache of
+parameter-derived tensors."""
 
 from __future__ import annotations
 
