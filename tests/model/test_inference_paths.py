@@ -69,3 +69,13 @@ def test_rmsnorm_small_batch_form_equals_written_out_form():
         written = norm(x)
     assert torch.allclose(small, written, atol=1e-5, rtol=1e-5)
     assert not torch.equal(norm.weight, torch.ones(48))
+
+
+def test_model_built_under_inference_mode_runs_there():
+    with torch.inference_mode():
+        model = make_model()  # its parameters are inference tensors (no version counter)
+        ids = torch.randint(0, model.config.vocab_size, (1, 5))
+        first = model(ids)
+        model.model.layers[0].self_attn.q_proj.weight.mul_(2.0)  # allowed in place here, and must be seen
+        second = model(ids)
+    assert not torch.equal(first, second)

@@ -26,7 +26,8 @@ class DerivedWeights:
         self._value = None
 
     def __call__(self, *ws: torch.Tensor):
-        if not torch.is_inference_mode_enabled():
+        # parameters made under inference_mode have no version counter: their in-place changes cannot be seen
+        if not torch.is_inference_mode_enabled() or any(w.is_inference() for w in ws):
             return self.fn(ws)
         versions = [w._version for w in ws]
         # the same tensor objects (held here, so none can be freed and its address reused) at the same versions
