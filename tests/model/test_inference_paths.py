@@ -2,6 +2,7 @@
 constants made under inference_mode still work in training), and the fused q/k/v weight kept under
 inference_mode (follows in-place updates and replaced parameters)."""
 
+import pytest
 import torch
 
 from mimo.model.layers import apply_rope, rope_cos_sin
@@ -17,10 +18,11 @@ def _textbook(x, positions, rd, theta):
     return torch.cat([xr * cos + rot * sin, xp], -1)
 
 
-def test_gather_rope_equals_rotate_half():
+@pytest.mark.parametrize("T", [5, 40])  # 2 x 5 rows: the gather form; 2 x 40: the sliced form
+def test_rope_equals_rotate_half(T):
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 3, 10)
-    pos = torch.tensor([[0, 1, 2, 3, 4], [7, 100, 1000, 5, 9]])
+    x = torch.randn(2, T, 3, 10)
+    pos = torch.randint(0, 2000, (2, T))
     assert torch.allclose(apply_rope(x, rope_cos_sin(pos, 6, 10, 10000.0, torch.float32)),
                           _textbook(x, pos, 6, 10000.0), atol=1e-6)
 
