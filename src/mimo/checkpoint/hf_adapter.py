@@ -24,7 +24,6 @@ import torch
 
 from .fp8 import SCALE_SUFFIX
 
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 _EXPERT_RE = re.compile(
     r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 _SINK_RE = re.compile(r"^(?P<prefix>.+\.self_attn)\.sinks$")
@@ -45,18 +44,18 @@ def expert_name(prefix: str, e: int, proj: str) -> str:
     return f"{prefix}.{e}.{proj}.weight"
 
 
-def expert_pieces(name: str, shape: tuple[int, ...]) -> Iterator[tuple[str, int, slice]]:
-    """Official (name, expert, row range) of each piece of a stacked expert tensor: gate_up_proj [E, 2I, D]
+def expert_pieces(name: str, shape: tuple[int, ...]) -> Iterator[tuple[str, int, str, slice]]:
+    """Official (name, expert, projection, row range) of each piece of a stacked expert tensor: gate_up_proj [E, 2I, D]
     gives expert e's gate_proj (rows [0, I)) then up_proj (rows [I, 2I)); down_proj [E, D, I] one each."""
     m = _STACKED_RE.match(name)
     if m["proj"] == "down_proj":
         for e in range(shape[0]):
-            yield expert_name(m["prefix"], e, "down_proj"), e, slice(None)
+            yield expert_name(m["prefix"], e, "down_proj"), e, "down_proj", slice(None)
         return
     half = shape[1] // 2
     for e in range(shape[0]):
-        yield expert_name(m["prefix"], e, "gate_proj"), e, slice(0, half)
-        yield expert_name(m["prefix"], e, "up_proj"), e, slice(half, None)
+        yield expert_name(m["prefix"], e, "gate_proj"), e, "gate_proj", slice(0, half)
+        yield expert_name(m["prefix"], e, "up_proj"), e, "up_proj", slice(half, None)
 
 
 def to_checkpoint(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -64,7 +63,7 @@ def to_checkpoint(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.
     if _STACKED_RE.match(name) is None:
         yield name, tensor
         return
-    for ck, e, rows in expert_pieces(name, tuple(tensor.shape)):
+    for ck, e, _, rows in expert_pieces(name, tuple(tensor.shape)):
         yield ck, tensor[e, rows]
 
 
@@ -73,7 +72,7 @@ def checkpoint_shapes(name: str, shape: tuple[int, ...]) -> Iterator[tuple[str, 
     if _STACKED_RE.match(name) is None:
         yield name, shape
         return
-    for ck, _, rows in expert_pieces(name, shape):
+    for ck, _, _, rows in expert_pieces(name, shape):
         yield ck, (len(range(shape[1])[rows]), *shape[2:])
 
 

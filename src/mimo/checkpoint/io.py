@@ -177,9 +177,9 @@ class _Loader:
             raise CheckpointError(f"unexpected tensor {ck!r} in {self.reader.where(ck)}: the config has "
                                   f"{E} routed experts (0..{E - 1})")
         out = torch.empty(expected, dtype=out_dtype, device=self.device)
-        for official, e, rows in expert_pieces(name, tuple(expected)):
+        for official, e, proj, rows in expert_pieces(name, tuple(expected)):
             piece = out[e, rows]
-            ck = src.experts.get((e, official.rsplit(".", 2)[-2]))
+            ck = src.experts.get((e, proj))
             if ck is None:
                 raise CheckpointError(
                     f"missing tensor {official!r} (expected shape {_fmt_shape(piece.shape)}, floating point) "

@@ -9,6 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Up to this many rows (batch x tokens: decode steps, which are dispatch-bound) RMSNorm and RoPE take forms
+# with fewer ops; beyond it, forms that are faster in bulk. Both forms give the same values.
+SMALL_ROWS = 16
+
 
 class DerivedWeights:
     """A tensor (or tuple of tensors) computed from parameters, e.g. several projection weights concatenated
@@ -47,7 +51,7 @@ class RMSNorm(nn.Module):
     x (up to float rounding of the zero mean), in 4 ops instead of 6; for many rows the doubled width costs
     more than it saves (2,048 rows: 2.4x slower), so they take the written-out form."""
 
-    SMALL_ROWS = 16
+    SMALL_ROWS = SMALL_ROWS
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -89,9 +93,9 @@ def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, head_dim: int, theta:
     """RoPE tables for integer positions [B, T]: (cos, sin, perm, rotary_dim), cos/sin [B, T, 1, head_dim],
     perm [head_dim].
 
-    NeoX pairs channel i with i + rd/2 (rd = rotary_dim), angle position * theta^(-2i / rd). The rotation is
-    written as one gather and two products over the whole head, x * cos + x[perm] * sin, with the rotate-half
-    sign folded into sin and the pass-through channels at angle 0 (cos 1, sin 0, perm = identity); e.g.
+    NeoX pairs channel i with i + rd/2 (rd = rotary_dim), angle position * theta^(-2i / rd). For a few rows
+    the rotation is one gather and two products over the whole head, x * cos + x[perm] * sin, with the
+    rotate-half sign folded into sin and the pass-through channels at angle 0 (cos 1, sin 0, perm = identity); e.g.
     rd = 4, head_dim = 6: perm = [2, 3, 0, 1, 4, 5], sin = [-s0, -s1, s0, s1, 0, 0], cos = [c0, c1, c0, c1, 1, 1].
     These are exactly the textbook rotate-half values (sign flips and x * 1 + y * 0 are exact) in 4 ops
     instead of 12. Computed on the fly (constants cached), so the model has no buffers for a meta-device load
@@ -112,7 +116,7 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     A few rows (decode) take the 4-op gather form; many rows take slices, because a gather along the last dim
     is slow in bulk (2,048 x 6 heads x 96 channels: 4.7 ms against 0.9 ms). The values are the same."""
     cos, sin, perm, rd = rope
-    if x.shape[0] * x.shape[1] <= 16:
+    if x.shape[0] * x.shape[1] <= SMALL_ROWS:
         return x * cos + torch.index_select(x, -1, perm) * sin
     x_rot = x[..., :rd]
     rotated = torch.cat([x_rot[..., rd // 2:], x_rot[..., :rd // 2]], dim=-1)  # sin carries the minus sign

@@ -131,11 +131,11 @@ class Experts(nn.Module):
     def forward_ref(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """Slow reference: every (token, slot) pair on its own."""
         out = torch.zeros_like(x_ND)
+        I = self.down_proj.shape[2]
         for n in range(x_ND.shape[0]):
             for j in range(ids_NK.shape[1]):
                 e = int(ids_NK[n, j])
                 x = x_ND[n]
-                I = self.down_proj.shape[2]
                 h = F.silu(self.gate_up_proj[e, :I] @ x) * (self.gate_up_proj[e, I:] @ x)
                 out[n] += (w_NK[n, j] * (self.down_proj[e] @ h)).to(out.dtype)
         return out

@@ -49,9 +49,11 @@ def generated_rows(model, tok, texts: list[str], n_rows: int, length: int, promp
     from mimo.engine import LLM, SamplingParams
 
     g = torch.Generator().manual_seed(seed)
+    encoded: dict[int, list[int]] = {}  # a text drawn twice is tokenised once
     prompts = []
     while len(prompts) < n_rows:
-        ids = tok.encode(texts[int(torch.randint(len(texts), (1,), generator=g))])
+        i = int(torch.randint(len(texts), (1,), generator=g))
+        ids = encoded[i] if i in encoded else encoded.setdefault(i, tok.encode(texts[i]))
         if len(ids) > prompt_len:
             a = int(torch.randint(len(ids) - prompt_len, (1,), generator=g))
             prompts.append(ids[a:a + prompt_len])
