@@ -35,8 +35,9 @@ def completion_text(tokenizer: Tokenizer, ids: list[int]) -> str:
 
 def evaluate_tasks(model, tokenizer: Tokenizer, tasks: Sequence[str] = task_lib.TASKS, n_per_task: int = 100,
                    seed: int = 0, max_new_tokens: int = 24, generate_fn: GenerateFn | None = None,
-                   split: str = "heldout") -> dict[str, float]:
-    """Exact-match accuracy per task (mimo.tasks.evaluate with chat rendering and greedy decoding)."""
+                   split: str = "heldout", progress: Callable[[int], object] | None = None) -> dict[str, float]:
+    """Exact-match accuracy per task (mimo.tasks.evaluate with chat rendering and greedy decoding);
+    `progress(1)` is called after each example (e.g. a tqdm bar's `update`)."""
     gen = generate_fn or reference_generate_fn(model)
 
     def batch_fn(conversations):
@@ -45,6 +46,8 @@ def evaluate_tasks(model, tokenizer: Tokenizer, tasks: Sequence[str] = task_lib.
             for messages in conversations:
                 ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
                 out.append(completion_text(tokenizer, gen(ids, max_new_tokens, tokenizer.eos_id)))
+                if progress is not None:
+                    progress(1)
         return out
 
     return task_lib.evaluate(batch_fn, tasks=tasks, n_per_task=n_per_task, seed=seed, split=split)
