@@ -1,42 +1,30 @@
 """Data layer: tokenizer and chat format, pretraining corpus, batch loaders. Task generators live in
-`mimo.tasks` (torch-free)."""
+`mimo.tasks` (torch-free).
 
-from mimo.data.corpus import (
-    Corpus,
-    CorpusInfo,
-    Document,
-    load_corpus,
-    mixed_documents,
-    stdlib_dir,
-    task_documents,
-)
-from mimo.data.loader import IGNORE_INDEX, PackedStream, SFTLoader, sft_batches, tokenize_documents
-from mimo.data.tokenizer import (
-    CHAT_TEMPLATE,
-    SPECIAL_TOKENS,
-    StreamDecoder,
-    Tokenizer,
-    render_chat,
-    render_chat_spans,
-)
+The names below load lazily, so the tokenizer and the corpus (torch-free) import without torch.
+"""
 
-__all__ = [
-    "CHAT_TEMPLATE",
-    "IGNORE_INDEX",
-    "SPECIAL_TOKENS",
-    "Corpus",
-    "CorpusInfo",
-    "Document",
-    "PackedStream",
-    "SFTLoader",
-    "StreamDecoder",
-    "Tokenizer",
-    "load_corpus",
-    "mixed_documents",
-    "render_chat",
-    "render_chat_spans",
-    "sft_batches",
-    "stdlib_dir",
-    "task_documents",
-    "tokenize_documents",
-]
+from mimo._lazy import lazy_exports
+
+_EXPORTS = {
+    "CHAT_TEMPLATE": "mimo.data.tokenizer",
+    "IGNORE_INDEX": "mimo.data.loader",
+    "SPECIAL_TOKENS": "mimo.data.tokenizer",
+    "Corpus": "mimo.data.corpus",
+    "CorpusInfo": "mimo.data.corpus",
+    "Document": "mimo.data.corpus",
+    "PackedStream": "mimo.data.loader",
+    "SFTLoader": "mimo.data.loader",
+    "StreamDecoder": "mimo.data.tokenizer",
+    "Tokenizer": "mimo.data.tokenizer",
+    "load_corpus": "mimo.data.corpus",
+    "mixed_documents": "mimo.data.corpus",
+    "render_chat": "mimo.data.tokenizer",
+    "render_chat_spans": "mimo.data.tokenizer",
+    "sft_batches": "mimo.data.loader",
+    "stdlib_dir": "mimo.data.corpus",
+    "task_documents": "mimo.data.corpus",
+    "tokenize_documents": "mimo.data.loader",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

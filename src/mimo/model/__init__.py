@@ -1,9 +1,18 @@
-"""The MiMo-V2-Flash model: plain single-device PyTorch (imports only torch)."""
+"""The MiMo-V2-Flash model: plain single-device PyTorch (imports only torch).
 
-from .attention import DenseKVCache
-from .config import ConfigError, ModelConfig
-from .init import init_weights
-from .moe import Routing
-from .transformer import Transformer, generate
+The names below load lazily, so `mimo.model.config` and `mimo.model.params` (torch-free) import without torch.
+"""
 
-__all__ = ["ConfigError", "DenseKVCache", "ModelConfig", "Routing", "Transformer", "generate", "init_weights"]
+from mimo._lazy import lazy_exports
+
+_EXPORTS = {
+    "ConfigError": "mimo.model.config",
+    "DenseKVCache": "mimo.model.attention",
+    "ModelConfig": "mimo.model.config",
+    "Routing": "mimo.model.moe",
+    "Transformer": "mimo.model.transformer",
+    "generate": "mimo.model.transformer",
+    "init_weights": "mimo.model.init",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

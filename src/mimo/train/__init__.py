@@ -1,12 +1,20 @@
-"""Training: pretraining (with one MTP head), the 3-MTP-head stage, SFT; checkpoints, FSDP2, CLI entry points.
+"""Training: pretraining (with one MTP head), the 3-MTP-head stage, SFT; checkpoints, FSDP2.
 
-Entry points: `mimo.train.loop.run(TrainConfig)`, `mimo.train.cli.{pretrain_main, sft_main, eval_main}`;
-recipes in `mimo.recipes`.
+Entry points: `mimo.train.loop.run(TrainConfig)`; the commands in `mimo.cli.train`; recipes in `mimo.recipes`.
+The names below load lazily, so `mimo.train.config` (and through it `mimo.recipes`) imports without torch.
 """
 
-from .config import TrainConfig, TrainConfigError
-from .loop import TrainError, TrainingDiverged, evaluate, run, train_step
-from .mtp import copy_mtp_heads
+from mimo._lazy import lazy_exports
 
-__all__ = ["TrainConfig", "TrainConfigError", "TrainError", "TrainingDiverged", "copy_mtp_heads", "evaluate",
-           "run", "train_step"]
+_EXPORTS = {
+    "TrainConfig": "mimo.train.config",
+    "TrainConfigError": "mimo.train.config",
+    "TrainError": "mimo.train.loop",
+    "TrainingDiverged": "mimo.train.loop",
+    "copy_mtp_heads": "mimo.train.mtp",
+    "evaluate": "mimo.train.loop",
+    "run": "mimo.train.loop",
+    "train_step": "mimo.train.loop",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
