@@ -48,6 +48,14 @@ class SamplingParams:
     - stop_token_ids: generation ends after emitting any of these (the token is kept in the output).
     - logprobs: None = none; n >= 0 = the chosen token's log-probability plus the n most likely alternatives.
     - ignore_eos: do not stop at the model's EOS token (benchmarks with fixed output lengths).
+    - n: independent samples of the prompt (sample i uses seed + i when seeded).
+    - min_tokens: EOS and stop_token_ids cannot be sampled before this many output tokens.
+    - repetition_penalty: > 0; logits of tokens seen in the prompt or the output are divided by it when positive
+      and multiplied by it when negative (1 = off; CTRL / vLLM semantics).
+    - presence_penalty / frequency_penalty: in [-2, 2]; subtracted once per token present in the output /
+      once per occurrence (OpenAI semantics).
+    - logprobs_mode: "raw" = log-softmax of the model's logits; "processed" = log of the distribution actually
+      sampled from (after penalties, temperature, top-k, top-p): the one an importance ratio needs.
     """
 
     max_tokens: int | None = 16
@@ -59,6 +67,12 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     logprobs: int | None = None
     ignore_eos: bool = False
+    n: int = 1
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs_mode: str = "raw"
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens <= 0):
@@ -89,10 +103,29 @@ class SamplingParams:
             raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if not _is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be a positive integer, got {self.n!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        rp = self.repetition_penalty
+        if not _is_real(rp) or not math.isfinite(rp) or rp <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {rp!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
+        if self.logprobs_mode not in ("raw", "processed"):
+            raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {self.logprobs_mode!r}")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,26 @@
     llm = LLM()                                   # the bundled default model, MTP drafts = all heads
     outs = llm.generate(["def add(a, b):"], SamplingParams(max_tokens=32, temperature=0))
 
-Lower level, for a server: `add_request(request_id, prompt, params)`, `step() -> [RequestOutput]` (requests
-that made progress this step), `abort(request_id)`, `has_unfinished_requests()`, `stats()`.
+Lower level, for a server: `add_request(request_id, prompt, params)`, `step() -> [RequestDelta]` (the new
+tokens of every request that made progress this step), `abort(request_id)`, `has_unfinished_requests()`,
+`stats()`. `add_request` and `abort` are thread-safe: they validate, then post a command to an inbox that
+`step()` drains before scheduling, so one engine thread can serve many clients and an abort never frees
+blocks under a running step. Text (incremental detokenisation, stop strings) is not the step's business:
+`mimo.data.detok.TextStream` does it above the engine (the server, and `generate` here).
 
-One step: schedule -> one flattened main-model forward over every scheduled token (prefill chunks, pending
-tokens and their drafts) -> sample / verify -> commit -> one MTP drafting round for the decoding requests.
-Bad input raises ValueError naming the parameter before anything is scheduled.
+One step: drain the inbox -> schedule -> one flattened main-model forward over every scheduled token (prefill
+chunks, pending tokens and their drafts) -> penalties, sample / verify -> commit -> one MTP drafting round
+for the decoding requests. Bad input raises ValueError naming the parameter before anything is queued.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from dataclasses import dataclass
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +32,15 @@ from mimo.engine.config import EngineConfig, SamplingParams
 from mimo.engine.kv_cache import KVCache
 from mimo.engine.planner import build_block_manager
 from mimo.engine.runner import ModelRunner, MTPState
-from mimo.engine.sampler import compute_logprobs, make_generator, probs_from_logits, sample
+from mimo.engine.sampler import (
+    TokenLogprobs,
+    compute_logprobs,
+    logprob_source,
+    make_generator,
+    penalize_,
+    probs_from_logits,
+    sample,
+)
 from mimo.engine.scheduler import ScheduledSeq, Scheduler
 from mimo.engine.sequence import Sequence, SequenceStatus
 from mimo.engine.speculative import accept_greedy, accept_sampled
@@ -35,11 +51,16 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[3] / "models" / "mimo-tiny"
 @dataclass
 class RequestMetrics:
     arrival_time: float
+    first_scheduled_time: float | None
     first_token_time: float | None
     finish_time: float | None
     num_drafted: int
     num_accepted: int
     num_verify_steps: int
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -56,7 +77,26 @@ class RequestMetrics:
 
 
 @dataclass
+class RequestDelta:
+    """What one step did for one sample of one request: only the new tokens, never the whole output."""
+
+    request_id: str
+    index: int  # which of the request's n samples
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None  # aligned with new_token_ids when the request asked for them
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS / stop_token_ids) or "length"; None while running
+    stop_token_id: int | None
+    num_prompt_tokens: int
+    num_output_tokens: int  # after this step
+    time: float  # time.monotonic() when these tokens were committed (one step commits them together)
+    metrics: RequestMetrics
+
+
+@dataclass
 class RequestOutput:
+    """The whole result of one sample, as `generate` returns it."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -66,6 +106,8 @@ class RequestOutput:
     finish_reason: str | None
     metrics: RequestMetrics
     logprobs: list[Any] | None = None
+    index: int = 0
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
 
 @dataclass
@@ -73,7 +115,7 @@ class EngineStats:
     num_steps: int = 0
     num_finished: int = 0
     prompt_tokens: int = 0
-    generated_tokens: int = 0
+    generated_tokens: int = 0  # every token committed, also of requests aborted or stopped by a stop string
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     verify_steps: int = 0
@@ -88,6 +130,15 @@ class EngineStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+
+@dataclass
+class _Request:
+    """A request as the facade tracks it: its samples' sequence ids (one per SamplingParams.n)."""
+
+    seq_ids: list[str]
+    prompt: str | None
+    live: set[str] = field(default_factory=set)
 
 
 def _load(model, dtype, device):
@@ -147,17 +198,22 @@ class LLM:
         self._rng = torch.Generator().manual_seed(seed)
         self._gens: dict[str, torch.Generator | None] = {}
         self._mtp: dict[str, MTPState] = {}
-        self._prompts: dict[str, str | None] = {}
+        self._requests: dict[str, _Request] = {}  # by request id, until every sample has finished
+        self._parent: dict[str, str] = {}  # sequence id -> request id
+        self._inbox: deque[tuple] = deque()
+        self._lock = threading.Lock()
         self._ids = itertools.count()
         self._stats = EngineStats()
         # hidden states kept per request: a window plus the positions a drafting round may re-extend
         self._h_keep = cfg.sliding_window + 2 * (num_speculative_tokens + n_mtp + 1)
 
-    # ---- requests ----------------------------------------------------------------------------------------
-    def _encode(self, prompt: str | list[int]) -> list[int]:
+    # ---- requests (any thread) -----------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids, validated against the vocabulary and max_model_len (ValueError)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt is a string but the engine has no tokenizer; pass token ids")
+                raise ValueError("prompt is a string but the model has no tokenizer (a model directory with "
+                                 "tokenizer.json); pass token ids")
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
@@ -173,44 +229,99 @@ class LLM:
         return ids
 
     def add_request(self, request_id: str | None, prompt: str | list[int],
-                    sampling_params: SamplingParams | None = None,
-                    num_speculative_tokens: int | None = None) -> str:
-        """Validate and queue one request; returns its id. Raises ValueError before scheduling anything."""
-        return self._add(request_id, prompt, self._encode(prompt), sampling_params, num_speculative_tokens)
+                    sampling_params: SamplingParams | None = None, num_speculative_tokens: int | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Validate and queue one request (its `n` samples); returns its id. Thread-safe.
 
-    def _add(self, request_id, prompt, ids, sampling_params, num_speculative_tokens) -> str:
+        Raises ValueError before queuing anything. `arrival_time` (time.monotonic()) defaults to now, taken
+        before tokenisation so queue time and TTFT include it."""
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        ids = self.encode(prompt)
+        return self._add(request_id, prompt, ids, sampling_params, num_speculative_tokens, arrival)
+
+    def _add(self, request_id, prompt, ids, sampling_params, num_speculative_tokens, arrival) -> str:
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         k = num_speculative_tokens
         if k is not None and (not isinstance(k, int) or not 0 <= k <= self.config.num_speculative_tokens):
             raise ValueError(f"num_speculative_tokens must be in [0, {self.config.num_speculative_tokens}], "
                              f"got {k!r}")
-        seq = Sequence(rid, ids, params, num_speculative_tokens=k)
-        self.scheduler.add(seq)
-        self._gens[rid] = make_generator(params.seed)
-        self._mtp[rid] = MTPState()
-        self._prompts[rid] = prompt if isinstance(prompt, str) else None
-        self._stats.prompt_tokens += len(ids)
+        if len(ids) + params.min_tokens > self.config.max_model_len:
+            raise ValueError(f"min_tokens ({params.min_tokens}) does not fit: the prompt has {len(ids)} tokens "
+                             f"and max_model_len is {self.config.max_model_len}")
+        seqs = []
+        with self._lock:
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            if rid in self._requests:
+                raise ValueError(f"request_id {rid!r} is already in use")
+            for i in range(params.n):
+                sp = params
+                if params.n > 1:
+                    sp = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+                sid = rid if params.n == 1 else f"{rid}#{i}"
+                seqs.append(Sequence(sid, ids, sp, num_speculative_tokens=k, arrival_time=arrival, index=i))
+            req = _Request([s.request_id for s in seqs], prompt if isinstance(prompt, str) else None)
+            req.live.update(req.seq_ids)
+            self._requests[rid] = req
+            self._parent.update((sid, rid) for sid in req.seq_ids)
+            self._inbox.append(("add", seqs))
         return rid
 
-    def abort(self, request_id: str) -> bool:
-        seq = self.scheduler.abort(request_id)
-        self._forget(request_id)
-        return seq is not None
+    def abort(self, request_id: str, index: int | None = None, reason: str = "abort") -> bool:
+        """Finish a request (or one of its samples) before the next step; False if unknown. Thread-safe.
+
+        reason "stop" records a stop (the text layer found a stop string) rather than an abort."""
+        if reason not in ("abort", "stop"):
+            raise ValueError(f"reason must be 'abort' or 'stop', got {reason!r}")
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None:
+                return False
+            sids = req.seq_ids if index is None else [req.seq_ids[index]] if 0 <= index < len(req.seq_ids) else []
+            sids = [s for s in sids if s in req.live]
+            if not sids:
+                return False
+            self._inbox.append(("abort", sids, reason))
+        return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        with self._lock:
+            return bool(self._requests)
 
-    def _forget(self, rid: str) -> None:
-        self._gens.pop(rid, None)
-        self._mtp.pop(rid, None)
-        self._prompts.pop(rid, None)
+    def _drain(self) -> None:
+        with self._lock:
+            cmds, self._inbox = self._inbox, deque()
+        for cmd in cmds:
+            if cmd[0] == "add":
+                for seq in cmd[1]:
+                    self.scheduler.add(seq)
+                    self._gens[seq.request_id] = make_generator(seq.sampling_params.seed)
+                    self._mtp[seq.request_id] = MTPState()
+                    self._stats.prompt_tokens += seq.num_prompt_tokens
+            else:
+                status = SequenceStatus.FINISHED_STOPPED if cmd[2] == "stop" else SequenceStatus.FINISHED_ABORTED
+                for sid in cmd[1]:
+                    seq = self.scheduler.abort(sid, status)
+                    if seq is not None:
+                        self._stats.generated_tokens += seq.num_output_tokens
+                    self._retire(sid)
 
-    # ---- one step --------------------------------------------------------------------------------------------
+    def _retire(self, sid: str) -> None:
+        self._gens.pop(sid, None)
+        self._mtp.pop(sid, None)
+        with self._lock:
+            rid = self._parent.pop(sid, None)
+            req = self._requests.get(rid) if rid is not None else None
+            if req is not None:
+                req.live.discard(sid)
+                if not req.live:
+                    del self._requests[rid]
+
+    # ---- one step (the engine thread) -----------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestDelta]:
+        self._drain()
         out = self.scheduler.schedule()
         self._stats.preemptions += len(out.preempted)
         for seq in out.preempted:
@@ -218,9 +329,12 @@ class LLM:
         if out.is_empty:
             return []
         self._stats.num_steps += 1
+        now = time.monotonic()
         items, row_of, drafts_of = [], [], []
         row = 0
         for it in out.items:
+            if it.seq.first_scheduled_time is None:
+                it.seq.first_scheduled_time = now
             st = self._mtp[it.seq.request_id]
             toks = it.input_token_ids
             drafts = [] if it.is_prefill else st.drafts[:it.num_draft_slots]
@@ -241,10 +355,10 @@ class LLM:
         logits = self.runner.logits(hidden[need]) if need else None
         results = self._sample(out.items, items, drafts_of, logits)
 
-        touched = []
+        touched: list[tuple[Sequence, int]] = []
         for it, r, (_, _, toks), drafts, (tokens, lps) in zip(out.items, row_of, items, drafts_of, results):
             seq = it.seq
-            n_before = seq.num_computed_tokens
+            n_before, n_out = seq.num_computed_tokens, seq.num_output_tokens
             self.scheduler.update(it, tokens, num_drafts=len(drafts), logprobs=lps)
             if not it.is_prefill:
                 self._stats.decode_steps += 1
@@ -253,22 +367,22 @@ class LLM:
                     self._stats.accepted_tokens += len(tokens) - 1
                     self._stats.verify_steps += 1
             if seq.is_finished:
-                touched.append(seq)
+                touched.append((seq, n_out))
                 continue
             # keep the hidden states of the newly committed positions for the MTP blocks
             n_new = len(toks) if it.is_prefill else len(tokens)
             self._mtp[seq.request_id].append(n_before, hidden[r:r + n_new], seq.num_computed_tokens - self._h_keep)
             if tokens:
-                touched.append(seq)
-        self._apply_stop_strings(touched)
-        self._draft([s for s in touched if not s.is_finished])
-        outputs = [self._output(seq) for seq in touched]
-        for seq in touched:
+                touched.append((seq, n_out))
+        self._draft([s for s, _ in touched if not s.is_finished])
+        now = time.monotonic()
+        deltas = [self._delta(seq, n_out, now) for seq, n_out in touched]
+        for seq, _ in touched:
             if seq.is_finished:
                 self._stats.num_finished += 1
                 self._stats.generated_tokens += seq.num_output_tokens
-                self._forget(seq.request_id)
-        return outputs
+                self._retire(seq.request_id)
+        return deltas
 
     def _sample(self, sched: list[ScheduledSeq], items, drafts_of, logits):
         """Per item: (emitted tokens, logprobs or None)."""
@@ -282,6 +396,10 @@ class LLM:
                 continue
             n = 1 if it.is_prefill else len(toks)
             spans.append((lrow, lrow + n))
+            seq, sp = it.seq, it.seq.sampling_params
+            if sp.has_penalties or sp.min_tokens > seq.num_output_tokens:
+                penalize_(logits[lrow:lrow + n], sp, seq.prompt_token_ids, seq.output_token_ids, drafts_of[i],
+                          seq.stop_ids)
             if n == 1:
                 single.append(i)
                 single_rows.append(lrow)
@@ -306,7 +424,8 @@ class LLM:
                 toks = accept_sampled(drafts, None, probs, self._gens.get(it.seq.request_id) or self._rng)
             lps = None
             if sp.logprobs is not None:
-                lps = compute_logprobs(rows[:len(toks)], toks, sp.logprobs)
+                used = rows[:len(toks)]
+                lps = compute_logprobs(logprob_source(used, [sp] * len(toks)), toks, sp.logprobs)
             results[i] = (toks, lps)
         return results
 
@@ -322,59 +441,88 @@ class LLM:
         if seqs:
             self.runner.draft(seqs, states, nds)
 
-    def _apply_stop_strings(self, seqs: list[Sequence]) -> None:
-        if self.tokenizer is None:
-            return
-        for seq in seqs:
-            stops = seq.sampling_params.stop
-            if not stops or seq.is_finished:
-                continue
-            text = self.tokenizer.decode(seq.output_token_ids)
-            if any(s in text for s in stops):
-                self.scheduler.abort(seq.request_id)
-                seq.status = SequenceStatus.FINISHED_STOPPED
-
-    def _output(self, seq: Sequence) -> RequestOutput:
-        text = ""
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-            for s in seq.sampling_params.stop or ():
-                if s in text:
-                    text = text[:text.index(s)]
-        m = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time, seq.num_draft_tokens,
-                           seq.num_accepted_tokens, seq.num_verify_steps)
-        return RequestOutput(seq.request_id, self._prompts.get(seq.request_id), list(seq.prompt_token_ids),
-                             list(seq.output_token_ids), text, seq.is_finished, seq.finish_reason, m,
-                             list(seq.output_logprobs) if seq.sampling_params.logprobs is not None else None)
+    def _delta(self, seq: Sequence, n_out: int, now: float) -> RequestDelta:
+        """The tokens appended since n_out; slices only the new tail (O(new tokens) per step)."""
+        lps = seq.output_logprobs[n_out:] if seq.sampling_params.logprobs is not None else None
+        return RequestDelta(self._parent[seq.request_id], seq.index, seq.output_token_ids[n_out:], lps,
+                            seq.is_finished, seq.finish_reason, seq.stop_token_id, seq.num_prompt_tokens,
+                            seq.num_output_tokens, now, _metrics(seq))
 
     # ---- batch API -------------------------------------------------------------------------------------------
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  num_speculative_tokens: int | None = None) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. All prompts are validated before any is queued."""
+        """RequestOutputs in prompt order (n consecutive ones per prompt when n > 1). All prompts are validated
+        before any is queued. With a tokenizer, `text` is the detokenised output ended at the first stop
+        string, and `token_ids` / `logprobs` are cut to the tokens that produced that text."""
+        from mimo.data.detok import TextStream
+
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
-        ids = [self._encode(p) for p in prompts]
         bad = [sp for sp in params if sp is not None and not isinstance(sp, SamplingParams)]
         if bad:
             raise ValueError(f"sampling_params must be SamplingParams, got {type(bad[0]).__name__}")
-        rids = [self._add(None, p, i, sp, num_speculative_tokens) for p, i, sp in zip(prompts, ids, params)]
-        final: dict[str, RequestOutput] = {}
-        while len(final) < len(rids):
-            for o in self.step():
-                if o.finished:
-                    final[o.request_id] = o
-        return [final[r] for r in rids]
+        params = [sp if sp is not None else SamplingParams() for sp in params]
+        if any(sp.stop for sp in params) and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+        ids = [self.encode(p) for p in prompts]
+        now = time.monotonic()
+        rids = [self._add(None, p, i, sp, num_speculative_tokens, now) for p, i, sp in zip(prompts, ids, params)]
+        acc: dict[tuple[str, int], dict] = {}
+        for rid, p, i, sp in zip(rids, prompts, ids, params):
+            for j in range(sp.n):
+                stream = TextStream(self.tokenizer, sp.stop) if self.tokenizer is not None else None
+                acc[rid, j] = dict(prompt=p if isinstance(p, str) else None, ids=i, toks=[], lps=[], stream=stream,
+                                   done=None)
+        pending = len(acc)
+        while pending:
+            for d in self.step():
+                a = acc[d.request_id, d.index]
+                if a["done"] is not None:
+                    continue  # tokens committed in the step that drained our stop-string abort
+                a["toks"] += d.new_token_ids
+                a["lps"] += d.new_logprobs or []
+                stream, reason = a["stream"], d.finish_reason
+                if stream is not None:
+                    stream.push(d.new_token_ids)
+                    if stream.stopped is not None and not d.finished:
+                        self.abort(d.request_id, d.index, reason="stop")
+                if stream is not None and stream.stopped is not None:
+                    reason = "stop"
+                if d.finished or (stream is not None and stream.stopped is not None):
+                    a["done"] = (reason, d.metrics, d.stop_token_id)
+                    pending -= 1
+        self._drain()  # the stop-string aborts posted in the last step
+        outs = []
+        for (rid, j), a in acc.items():
+            reason, m, stop_id = a["done"]
+            stream, toks, lps = a["stream"], a["toks"], a["lps"]
+            text, stop_reason = "", stop_id
+            if stream is not None:
+                stream.finish()
+                text, toks, lps = stream.text, toks[:stream.num_tokens], lps[:stream.num_tokens]
+                stop_reason = stream.stopped if stream.stopped is not None else stop_id
+            outs.append(RequestOutput(rid, a["prompt"], a["ids"], toks, text, True, reason, m,
+                                      lps if params[rids.index(rid)].logprobs is not None else None, j,
+                                      stop_reason))
+        return outs
 
     def stats(self) -> dict[str, Any]:
         s = self._stats
+        with self._lock:
+            queued = sum(len(c[1]) for c in self._inbox if c[0] == "add")
         return {"num_steps": s.num_steps, "num_finished": s.num_finished, "prompt_tokens": s.prompt_tokens,
                 "generated_tokens": s.generated_tokens, "drafted_tokens": s.drafted_tokens,
                 "accepted_tokens": s.accepted_tokens, "verify_steps": s.verify_steps,
                 "decode_steps": s.decode_steps, "preemptions": s.preemptions,
                 "mean_acceptance_length": s.mean_acceptance_length, "acceptance_rate": s.acceptance_rate,
                 "kv_usage": self.block_manager.usage().fraction, "kv_cache_bytes": self.cache.nbytes(),
-                "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting}
+                "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting + queued}
+
+
+def _metrics(seq: Sequence) -> RequestMetrics:
+    return RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time, seq.finish_time,
+                          seq.num_draft_tokens, seq.num_accepted_tokens, seq.num_verify_steps)

@@ -7,7 +7,10 @@
   consume, so its tokens do not depend on what else is in the batch. Unseeded rows share `default_generator`
   (or torch's global RNG). Greedy rows consume no randomness.
 - Logprobs: log-softmax of the *raw* logits (before temperature / top-k / top-p), as vLLM returns by default,
-  for the chosen token plus its rank and the n most likely alternatives.
+  for the chosen token plus its rank and the n most likely alternatives; `logprobs_mode="processed"` gives
+  the log of the distribution actually sampled from instead (RL's importance ratio needs that one).
+- `penalize_` applies min_tokens and the repetition / presence / frequency penalties to the logits before
+  any of the above, per row, with the history that row conditions on (so verify rows see earlier drafts).
 - Stop tokens, max_tokens and stop strings are not handled here (scheduler / detokenizer).
 
 Shapes: N rows (tokens to sample, one per request, or k + 1 per request in verification), V vocabulary.
@@ -15,7 +18,7 @@ Shapes: N rows (tokens to sample, one per request, or k + 1 per request in verif
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -158,8 +161,60 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     want = [i for i, sp in enumerate(params) if sp.logprobs is not None]
     if want:
         num_top = max(params[i].logprobs or 0 for i in want)
-        rows = compute_logprobs(logits[want], [tokens[i] for i in want], num_top)
+        rows = compute_logprobs(logprob_source(logits[want], [params[i] for i in want]),
+                                [tokens[i] for i in want], num_top)
         for i, r in zip(want, rows):
             n = params[i].logprobs or 0
             logprobs[i] = TokenLogprobs(r.token_id, r.logprob, r.rank, r.top[:n])
     return SamplerOutput(tokens, logprobs)
+
+
+def logprob_source(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Rows [N, V] whose log-softmax is each row's requested logprob distribution.
+
+    "processed" rows become log(probs_from_logits(...)): log-softmax of log-probabilities is the identity, so
+    `compute_logprobs` needs no second mode; tokens outside top-k / top-p (or off the greedy argmax) get -inf.
+    """
+    proc = [i for i, sp in enumerate(params) if sp.logprobs_mode == "processed"]
+    if not proc:
+        return logits
+    out = logits.float().clone()
+    t_N, k_N, p_N = sampling_tensors([params[i] for i in proc], logits.device)
+    out[proc] = torch.log(probs_from_logits(logits[proc], t_N, k_N, p_N))
+    return out
+
+
+def penalize_(logits_RV: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+              output_ids: Sequence[int], drafts: Sequence[int], stop_ids: Collection[int]) -> torch.Tensor:
+    """Apply min_tokens and the penalties of one request to its rows [R, V] in place.
+
+    Row j predicts output token len(output_ids) + j and conditions on output_ids + drafts[:j] (a verify
+    step's rows follow the drafts; a sampling prefill has R = 1 and no drafts). Example: 2 outputs so far,
+    min_tokens 3, R = 3 -> only row 0 (the 3rd token) has its stop ids blocked.
+    """
+    R, V = logits_RV.shape
+    n_out = len(output_ids)
+    blocked = min(R, params.min_tokens - n_out)
+    if blocked > 0 and stop_ids:
+        logits_RV[:blocked, list(stop_ids)] = float("-inf")
+    if not params.has_penalties:
+        return logits_RV
+    dev = logits_RV.device
+    hist = torch.as_tensor(list(output_ids), dtype=torch.long, device=dev)
+    counts_V = torch.bincount(hist, minlength=V).to(logits_RV.dtype)
+    counts_RV = counts_V.expand(R, V).clone()
+    if R > 1:
+        # row j adds one count for each of drafts[:j]: a cumulative sum of one-hot draft rows, shifted by one
+        d_RV = torch.zeros_like(counts_RV)
+        d_RV[torch.arange(1, R, device=dev), torch.as_tensor(list(drafts[:R - 1]), device=dev)] = 1
+        counts_RV += d_RV.cumsum(0)
+    if params.repetition_penalty != 1.0:
+        seen_RV = counts_RV > 0
+        seen_RV[:, torch.as_tensor(list(prompt_ids), dtype=torch.long, device=dev)] = True
+        r = params.repetition_penalty
+        logits_RV.copy_(torch.where(seen_RV, torch.where(logits_RV > 0, logits_RV / r, logits_RV * r), logits_RV))
+    if params.frequency_penalty:
+        logits_RV -= params.frequency_penalty * counts_RV
+    if params.presence_penalty:
+        logits_RV -= params.presence_penalty * (counts_RV > 0).to(logits_RV.dtype)
+    return logits_RV

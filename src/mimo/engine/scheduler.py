@@ -131,8 +131,12 @@ class Scheduler:
         self._requests[seq.request_id] = seq
         self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> Sequence | None:
-        """Finish a waiting or running request as aborted and free everything it holds; None if unknown."""
+    def abort(self, request_id: str, status: SequenceStatus = SequenceStatus.FINISHED_ABORTED) -> Sequence | None:
+        """Finish a waiting or running request and free everything it holds; None if unknown.
+
+        `status` is FINISHED_STOPPED when the text layer found a stop string (a stop, not an abort)."""
+        if not status.is_finished:
+            raise ValueError(f"abort needs a finished status, got {status}")
         seq = self._requests.get(request_id)
         if seq is None:
             return None
@@ -140,7 +144,7 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        self._finish(seq, SequenceStatus.FINISHED_ABORTED)
+        self._finish(seq, status)
         return seq
 
     def get(self, request_id: str) -> Sequence | None:

@@ -53,6 +53,8 @@ class Sequence:
     # drafts per decode step for this request; None = the engine default (set by Scheduler.add)
     num_speculative_tokens: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    # which of the request's n samples this is (SamplingParams.n); request_id is then unique per sample
+    index: int = 0
 
     output_token_ids: list[int] = field(default_factory=list)
     # per output token, whatever the sampler returned for it (e.g. TokenLogprobs); only when requested
@@ -79,6 +81,7 @@ class Sequence:
     num_accepted_tokens: int = 0  # drafts accepted
     num_verify_steps: int = 0  # decode steps that verified at least one draft
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # queue time = first_scheduled_time - arrival_time
     first_token_time: float | None = None
     finish_time: float | None = None
 
