@@ -160,3 +160,9 @@ def test_logprobs_come_from_raw_logits():
     rows = compute_logprobs(logits, [1], 3)
     assert rows[0].rank == 3 and [t for t, _ in rows[0].top] == [0, 2, 1]
     assert sample(logits, [SamplingParams()]).logprobs == [None]
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+    logits = torch.tensor([0.5, 0.3, 0.2]).log()
+    torch.testing.assert_close(probs_from_logits(logits, 1.0, None, None, 0.5), torch.tensor([0.625, 0.375, 0.0]))
+    torch.testing.assert_close(probs_from_logits(logits, 1.0, None, None, 0.0), torch.tensor([0.5, 0.3, 0.2]))

@@ -43,6 +43,7 @@ class SamplingParams:
     - temperature: 0 (below 1e-5) = greedy argmax; otherwise logits are divided by it.
     - top_p: nucleus mass in (0, 1]; 1 = off.
     - top_k: keep the k most likely tokens; None, -1 or 0 = off (stored as None).
+    - min_p: in [0, 1]; drop tokens less likely than min_p times the most likely one (0 = off).
     - seed: seeds a generator used by this request only, so its tokens do not depend on the batch.
     - stop: stop strings; matched on text by the detokenizing layer (the engine only sees ids).
     - stop_token_ids: generation ends after emitting any of these (the token is kept in the output).
@@ -62,6 +63,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
+    min_p: float = 0.0
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -86,6 +88,8 @@ class SamplingParams:
                 raise ValueError(f"top_k must be None, -1 or 0 (off), or a positive integer, got {self.top_k!r}")
             if self.top_k <= 0:
                 self.top_k = None
+        if not _is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if isinstance(self.stop, str):

@@ -420,7 +420,7 @@ class LLM:
             if sp.is_greedy:
                 toks = accept_greedy(drafts, rows)
             else:
-                probs = probs_from_logits(rows, sp.temperature, sp.top_k, sp.top_p)
+                probs = probs_from_logits(rows, sp.temperature, sp.top_k, sp.top_p, sp.min_p)
                 toks = accept_sampled(drafts, None, probs, self._gens.get(it.seq.request_id) or self._rng)
             lps = None
             if sp.logprobs is not None:

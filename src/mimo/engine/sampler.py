@@ -46,13 +46,14 @@ def _per_row(x: _Param, n: int, default: float, device: torch.device, dtype: tor
 
 
 def probs_from_logits(logits: torch.Tensor, temperature: _Param = 1.0, top_k: _Param = None,
-                      top_p: _Param = None) -> torch.Tensor:
+                      top_p: _Param = None, min_p: _Param = None) -> torch.Tensor:
     """logits [N, V] (or [V]) -> probabilities [N, V] float32.
 
     temperature / top_k / top_p: scalars or per-row tensors [N]. top_k <= 0 or None = off; top_p >= 1 or
     None = off. top-p keeps the smallest set of most likely tokens whose mass reaches top_p (the most likely
     token is always kept). Example, probs [0.5, 0.3, 0.2], top_p 0.7: the mass before each token is
-    [0, 0.5, 0.8] -> keep the first two -> [0.625, 0.375, 0].
+    [0, 0.5, 0.8] -> keep the first two -> [0.625, 0.375, 0]. min_p (0 = off) then drops tokens whose
+    probability is below min_p times the most likely one's: probs [0.5, 0.3, 0.2], min_p 0.5 -> [0.625, 0.375, 0].
     """
     squeeze = logits.dim() == 1
     x_NV = logits.float().reshape(-1, logits.shape[-1])
@@ -77,6 +78,10 @@ def probs_from_logits(logits: torch.Tensor, temperature: _Param = 1.0, top_k: _P
             drop_NV |= (before_NV >= p_N[:, None]) & (p_N < 1.0)[:, None]
         x_NV = torch.empty_like(x_NV).scatter_(-1, idx_NV, sorted_NV.masked_fill(drop_NV, float("-inf")))
     probs_NV = torch.softmax(x_NV, dim=-1)
+    m_N = _per_row(min_p, N, 0.0, dev, torch.float32)
+    if bool((m_N > 0).any()):
+        keep_NV = probs_NV >= m_N[:, None] * probs_NV.max(-1, keepdim=True).values
+        probs_NV = torch.softmax(x_NV.masked_fill(~keep_NV, float("-inf")), dim=-1)
     if bool(greedy_N.any()):
         onehot_NV = torch.zeros_like(probs_NV).scatter_(-1, logits.float().reshape(N, V).argmax(-1, keepdim=True),
                                                          1.0)
@@ -126,12 +131,13 @@ class SamplerOutput:
 
 
 def sampling_tensors(params: Sequence[SamplingParams], device: str | torch.device = "cpu"
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (temperature [N], top_k [N] with 0 = off, top_p [N]) from each row's SamplingParams."""
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (temperature, top_k with 0 = off, top_p, min_p), each [N], from each row's SamplingParams."""
     t = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
     k = torch.tensor([p.top_k or 0 for p in params], dtype=torch.long, device=device)
     p_ = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-    return t, k, p_
+    m = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+    return t, k, p_, m
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -152,8 +158,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     if all(sp.is_greedy for sp in params):  # the point masses of probs_from_logits, without building them
         tokens = logits.argmax(-1).tolist()
     else:
-        t_N, k_N, p_N = sampling_tensors(params, logits.device)
-        probs_NV = probs_from_logits(logits, t_N, k_N, p_N)
+        probs_NV = probs_from_logits(logits, *sampling_tensors(params, logits.device))
         greedy_ids = probs_NV.argmax(-1).tolist()  # the point mass of greedy rows
         tokens = [greedy_ids[i] if sp.is_greedy else sample_from_probs(probs_NV[i], gens[i] or default_generator)
                   for i, sp in enumerate(params)]
@@ -179,8 +184,7 @@ def logprob_source(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     if not proc:
         return logits
     out = logits.float().clone()
-    t_N, k_N, p_N = sampling_tensors([params[i] for i in proc], logits.device)
-    out[proc] = torch.log(probs_from_logits(logits[proc], t_N, k_N, p_N))
+    out[proc] = torch.log(probs_from_logits(logits[proc], *sampling_tensors([params[i] for i in proc], logits.device)))
     return out
 
 
