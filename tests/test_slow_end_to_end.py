@@ -11,9 +11,9 @@ from mimo.model import generate
 
 @pytest.mark.slow
 def test_debug_recipe_runs_every_stage_and_evaluates(tmp_path, capsys):
-    from mimo.train.cli import recipe_main
+    from mimo.cli import main
 
-    assert recipe_main(["--recipe", "debug", "--out", str(tmp_path), "--no-progress", "--eval-n", "4"]) == 0
+    assert main(["recipe", "--recipe", "debug", "--out", str(tmp_path), "--no-progress", "--eval-n", "4"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result["task_accuracy"]) == {"add", "reverse", "sort"}
     for stage in ("pretrain", "mtp", "sft"):

@@ -12,12 +12,11 @@ code (prompt: a random 32-token span of a training file), generated once up fron
 the heads must draft at serving time (greedy decoding) rather than human-written code, as EAGLE and
 Medusa-2 train their draft heads on the target model's own outputs.
 
-    python -m mimo.train.cli distill-mtp --model models/mimo-tiny --out models/mimo-tiny --steps 200
+    mimo distill-mtp --model models/mimo-tiny --out models/mimo-tiny --steps 200
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+GENERATED_PROMPT_LEN = 32  # tokens of training text each generated row continues
 
 
 def distill_loss(model, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
@@ -42,7 +43,7 @@ def distill_loss(model, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     return torch.stack(losses).mean(), agree
 
 
-def generated_rows(model, tok, texts: list[str], n_rows: int, length: int, prompt_len: int = 32,
+def generated_rows(model, tok, texts: list[str], n_rows: int, length: int, prompt_len: int = GENERATED_PROMPT_LEN,
                    seed: int = 0) -> torch.Tensor:
     """[n_rows, length] token rows: a random prompt_len-token span of a random text, then the model's own
     greedy continuation (engine, no drafts, end-of-sequence ignored)."""
@@ -136,27 +137,3 @@ def run(model_dir: str, out: str, steps: int, batch_size: int = 16, seq_len: int
                    val_generated_agreement_after=agreement([gen_val]))
     return res
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mimo distill-mtp", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--generated", type=float, default=0.0,
-                   help="fraction of each batch taken from the model's own greedy continuations (0 to 1)")
-    p.add_argument("--threads", type=int)
-    args = p.parse_args(argv)
-    if not 0.0 <= args.generated <= 1.0:
-        print(f"error: --generated must be in [0, 1], got {args.generated}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not Path(args.model).is_dir():
-        print(f"error: model directory not found: {args.model}", file=sys.stderr)
-        return 2
-    print(json.dumps(run(args.model, args.out, args.steps, args.batch_size, args.seq_len, args.lr,
-                         generated=args.generated)))
-    return 0

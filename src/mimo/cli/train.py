@@ -1,0 +1,281 @@
+"""`mimo pretrain | sft | eval | recipe | export | distill-mtp`: training stages, whole recipes, evaluation.
+
+Bad input leaves anything already written untouched. Under `torchrun ... -m mimo.cli pretrain ...` every rank
+runs the same command and rank 0 prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from mimo.cli import (
+    Command,
+    UserError,
+    positive_float,
+    positive_int,
+    progress_bar,
+    set_threads,
+    text_model_dir,
+    unit_fraction,
+    user_errors,
+)
+
+TITLE = "Train and evaluate"
+
+
+def _train_errors() -> tuple[type[Exception], ...]:
+    """The training library's input errors (their messages are for the user). Imports torch."""
+    from mimo.recipes import RecipeError
+    from mimo.train.checkpoint import TrainCheckpointError
+    from mimo.train.config import TrainConfigError
+    from mimo.train.data import DataError
+    from mimo.train.loop import TrainError
+
+    return (TrainError, TrainCheckpointError, TrainConfigError, RecipeError, DataError, FileNotFoundError)
+
+
+def _diverged(e: Exception) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+def _tasks(text: str) -> list[str]:
+    from mimo.tasks import TASKS
+
+    tasks = [t for t in text.split(",") if t]
+    bad = [t for t in tasks if t not in TASKS] or ([] if tasks else ["(none)"])
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown task {bad[0]!r}; known tasks: {','.join(TASKS)}")
+    return tasks
+
+
+def _evaluate(model_dir, tasks, n: int, seed: int = 0, max_new_tokens: int = 24, progress: bool = True) -> dict:
+    """Task accuracy of a model or checkpoint directory, with a progress bar over the examples."""
+    from mimo.train.eval import evaluate_tasks, load_for_eval
+
+    with user_errors(ValueError, FileNotFoundError, OSError):
+        model, tok = load_for_eval(model_dir)
+    with progress_bar(len(tasks) * n, "eval", progress) as bar:
+        return evaluate_tasks(model, tok, tasks, n, seed, max_new_tokens, progress=bar.update)
+
+
+# ---- one stage ---------------------------------------------------------------------------------------------
+
+def _stage_args(stages: tuple[str, ...]):
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--recipe", default="debug", help="named recipe in mimo.recipes (debug, tiny)")
+        p.add_argument("--stage", default=stages[0], choices=stages, help="which stage of the recipe")
+        p.add_argument("--out", help="run directory (default: runs/RECIPE/STAGE)")
+        p.add_argument("--resume", metavar="DIR", help="continue from a run directory or checkpoint directory")
+        p.add_argument("--init-from", metavar="DIR", help="start from these weights (model or run directory)")
+        p.add_argument("--steps", type=positive_int, help="total optimizer steps (the LR schedule spans them)")
+        p.add_argument("--stop-after", type=positive_int, metavar="N", help="stop (with a checkpoint) after step N")
+        p.add_argument("--seed", type=int)
+        p.add_argument("--dtype", choices=("float32", "bfloat16"), help="bfloat16 = autocast (slower on CPUs "
+                       "without AMX)")
+        p.add_argument("--model", help="ModelConfig preset name or checkpoint directory (pretrain only)")
+        p.add_argument("--corpus", metavar="DIR", help="directory of *.py files (default: the Python stdlib)")
+        p.add_argument("--tokenizer", metavar="DIR", help="use this tokenizer.json instead of training one")
+        p.add_argument("--threads", type=positive_int, help="torch CPU threads (1 is fastest on a busy machine)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    return add
+
+
+def _stage_config(args: argparse.Namespace):
+    from mimo.recipes import RecipeError, get_stage
+    from mimo.train.config import TrainConfigError
+
+    with user_errors(RecipeError, TrainConfigError):
+        cfg = get_stage(args.recipe, args.stage)
+        kw = {name: getattr(args, name) for name in ("out", "init_from", "steps", "seed", "dtype", "model",
+                                                      "corpus", "tokenizer") if getattr(args, name) is not None}
+        if args.steps is not None and cfg.warmup_steps > args.steps:
+            kw["warmup_steps"] = args.steps // 10
+        if args.no_progress:
+            kw["progress"] = False
+        return cfg.replace(**kw)
+
+
+def train_stage(args: argparse.Namespace) -> int:
+    cfg = _stage_config(args)
+    if args.corpus is not None and not Path(args.corpus).is_dir():
+        raise UserError(f"corpus directory not found: {args.corpus}")
+    set_threads(args.threads)
+    from mimo.train import parallel
+    from mimo.train.loop import TrainingDiverged, run
+
+    try:
+        with user_errors(*_train_errors()):
+            summary = run(cfg, resume=args.resume, stop_after=args.stop_after)
+    except TrainingDiverged as e:
+        return _diverged(e)
+    finally:
+        parallel.shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("model", "tokenizer")}))
+    return 0
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", required=True,
+                   help="model or checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--tasks", type=_tasks, default="add,reverse,sort", help="comma-separated (default: all)")
+    p.add_argument("--n", type=positive_int, default=100, help="held-out examples per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=24)
+    p.add_argument("--threads", type=positive_int)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    model_dir = text_model_dir(args.model, "mimo eval")
+    set_threads(args.threads)
+    t0 = time.perf_counter()
+    acc = _evaluate(model_dir, args.tasks, args.n, args.seed, args.max_new_tokens, not args.no_progress)
+    print(json.dumps({"model": args.model, "n_per_task": args.n, "accuracy": acc,
+                      "seconds": round(time.perf_counter() - t0, 1)}))
+    return 0
+
+
+# ---- whole recipe ------------------------------------------------------------------------------------------
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="debug")
+    p.add_argument("--out", help="root directory; stages go to OUT/pretrain, OUT/mtp, OUT/sft")
+    p.add_argument("--export", metavar="DIR", help="write the final model + model card here")
+    p.add_argument("--eval-n", type=positive_int, default=100, help="held-out examples per task")
+    p.add_argument("--threads", type=positive_int)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _recipe_stages(recipe: str, out: str):
+    from mimo.recipes import RecipeError, get_recipe
+
+    with user_errors(RecipeError):
+        return get_recipe(recipe, out)
+
+
+def recipe(args: argparse.Namespace) -> int:
+    """Every stage in order (a stage with checkpoints resumes, a finished one is skipped), then the task
+    accuracy and, with --export, the model directory and its model card."""
+    from mimo.recipes import STAGE_ORDER
+
+    stages = _recipe_stages(args.recipe, args.out or f"runs/{args.recipe}")
+    set_threads(args.threads)
+    from mimo.train.checkpoint import find_checkpoint, has_checkpoint, load_train_state
+    from mimo.train.loop import TrainingDiverged, run
+
+    timings = {}
+    for name in STAGE_ORDER:
+        cfg = stages[name].replace(progress=not args.no_progress)
+        t0 = time.perf_counter()
+        try:
+            with user_errors(*_train_errors()):
+                if has_checkpoint(cfg.out) and load_train_state(find_checkpoint(cfg.out))["step"] >= cfg.steps:
+                    print(f"[{name}] already finished in {cfg.out}", file=sys.stderr)
+                    summary = {}
+                else:
+                    resume = cfg.out if has_checkpoint(cfg.out) else None
+                    summary = {k: v for k, v in run(cfg, resume=resume).items() if k not in ("model", "tokenizer")}
+        except TrainingDiverged as e:
+            return _diverged(e)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        print(json.dumps({"stage": name, "seconds": timings[name], **summary}), file=sys.stderr)
+    final = find_checkpoint(stages[STAGE_ORDER[-1]].out)
+    from mimo.tasks import TASKS
+
+    t0 = time.perf_counter()
+    acc = _evaluate(final, TASKS, args.eval_n, progress=not args.no_progress)
+    timings["eval"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps({"task_accuracy": acc, "seconds": timings}))
+    if args.export:
+        from mimo.train.export import export_model
+
+        export_model(args.recipe, stages, final, args.export, acc, timings, args.eval_n)
+        print(f"exported {args.export}", file=sys.stderr)
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="tiny")
+    p.add_argument("--runs", help="root of the recipe's run directories (default runs/RECIPE)")
+    p.add_argument("--out", required=True, help="model directory to write (e.g. models/mimo-tiny)")
+    p.add_argument("--eval-n", type=positive_int, default=100, help="held-out examples per task")
+    p.add_argument("--log", help="a log with '== STAGE done in N s' lines, for the wall times in the card")
+    p.add_argument("--threads", type=positive_int)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def export(args: argparse.Namespace) -> int:
+    """Evaluate a finished recipe run and export its final model with a model card."""
+    from mimo.recipes import STAGE_ORDER
+
+    stages = _recipe_stages(args.recipe, args.runs or f"runs/{args.recipe}")
+    set_threads(args.threads)
+    from mimo.train.checkpoint import find_checkpoint
+    from mimo.train.export import export_model
+
+    with user_errors(*_train_errors()):
+        final = find_checkpoint(stages[STAGE_ORDER[-1]].out)
+    wall: dict[str, float] = {}
+    if args.log and Path(args.log).is_file():
+        for m in re.finditer(r"^== (\w+) done in (\d+) s", Path(args.log).read_text(), re.M):
+            wall[m.group(1)] = float(m.group(2))
+    from mimo.tasks import TASKS
+
+    t0 = time.perf_counter()
+    acc = _evaluate(final, TASKS, args.eval_n, progress=not args.no_progress)
+    wall["eval"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps({"task_accuracy": acc, "eval_seconds": wall["eval"]}))
+    export_model(args.recipe, stages, final, args.out, acc, wall, args.eval_n)
+    print(f"exported {args.out}", file=sys.stderr)
+    return 0
+
+
+# ---- MTP head distillation ---------------------------------------------------------------------------------
+
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", required=True, help="model directory (weights and tokenizer)")
+    p.add_argument("--out", metavar="DIR", required=True, help="where to write the model (may be --model)")
+    p.add_argument("--steps", type=positive_int, default=200)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--generated", type=unit_fraction, default=0.0,
+                   help="fraction of each batch taken from the model's own greedy continuations (0 to 1)")
+    p.add_argument("--threads", type=positive_int)
+
+
+def distill_mtp(args: argparse.Namespace) -> int:
+    model_dir = text_model_dir(args.model, "mimo distill-mtp")
+    set_threads(args.threads)
+    from mimo.train.distill_mtp import GENERATED_PROMPT_LEN, run
+
+    if args.generated and args.seq_len <= GENERATED_PROMPT_LEN:
+        raise UserError(f"--seq-len must be above {GENERATED_PROMPT_LEN} (the prompt of a generated row) "
+                        "with --generated")
+    print(json.dumps(run(model_dir, args.out, args.steps, args.batch_size, args.seq_len, args.lr,
+                         generated=args.generated)))
+    return 0
+
+
+COMMANDS = (
+    Command("pretrain", "pretraining stage of a recipe, or --stage mtp (1 MTP head -> 3, trunk frozen)",
+            _stage_args(("pretrain", "mtp")), train_stage),
+    Command("sft", "supervised fine-tuning on chat data (loss on assistant tokens)", _stage_args(("sft",)),
+            train_stage),
+    Command("eval", "task accuracy of a model (greedy, held-out split)", _eval_args, evaluate),
+    Command("recipe", "every stage of a recipe in order, then eval (and --export)", _recipe_args, recipe),
+    Command("export", "evaluate a finished recipe run and write its model + model card", _export_args, export),
+    Command("distill-mtp", "train the MTP heads to imitate the main model (faster drafts)", _distill_args,
+            distill_mtp),
+)
