@@ -45,7 +45,7 @@ def test_deltas_carry_only_new_tokens_and_concatenate_to_the_reference(model):
     toks = {}
     while llm.has_unfinished_requests():
         for d in llm.step():
-            assert d.new_token_ids, "a delta is only sent for progress"
+            assert d.new_token_ids, "without aborts a delta is only sent for progress"
             seen_multi |= len(d.new_token_ids) > 1 or d.finished
             toks.setdefault(d.request_id, []).extend(d.new_token_ids)
             times.append(d.time)
@@ -68,9 +68,13 @@ def test_abort_from_another_thread_is_applied_between_steps(model):
 
     t = threading.Thread(target=aborter)
     t.start()
+    ended = {}
     while llm.has_unfinished_requests() or not stop.is_set():
-        llm.step()
+        for d in llm.step():
+            if d.finished:
+                ended[d.request_id] = d.finish_reason
     t.join()
+    assert ended == {str(i): "abort" for i in range(6)}, "every aborted request gets one final delta"
     u = llm.block_manager.usage()
     assert u.full_used == 0 and u.sliding_used == 0
     assert llm.stats()["running"] == 0 and llm.stats()["waiting"] == 0

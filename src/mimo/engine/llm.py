@@ -4,7 +4,8 @@
     outs = llm.generate(["def add(a, b):"], SamplingParams(max_tokens=32, temperature=0))
 
 Lower level, for a server: `add_request(request_id, prompt, params)`, `step() -> [RequestDelta]` (the new
-tokens of every request that made progress this step), `abort(request_id)`, `has_unfinished_requests()`,
+tokens of every request that made progress this step, and a final token-less delta for each sample an abort
+ended), `abort(request_id)`, `has_unfinished_requests()`,
 `stats()`. `add_request` and `abort` are thread-safe: they validate, then post a command to an inbox that
 `step()` drains before scheduling, so one engine thread can serve many clients and an abort never frees
 blocks under a running step. Text (incremental detokenisation, stop strings) is not the step's business:
@@ -289,9 +290,11 @@ class LLM:
         with self._lock:
             return bool(self._requests)
 
-    def _drain(self) -> None:
+    def _drain(self) -> list[RequestDelta]:
+        """Apply the posted commands; returns a final (token-less) delta for each sample they finished."""
         with self._lock:
             cmds, self._inbox = self._inbox, deque()
+        done = []
         for cmd in cmds:
             if cmd[0] == "add":
                 for seq in cmd[1]:
@@ -305,7 +308,9 @@ class LLM:
                     seq = self.scheduler.abort(sid, status)
                     if seq is not None:
                         self._stats.generated_tokens += seq.num_output_tokens
+                        done.append(self._delta(seq, seq.num_output_tokens, time.monotonic()))
                     self._retire(sid)
+        return done
 
     def _retire(self, sid: str) -> None:
         self._gens.pop(sid, None)
@@ -321,13 +326,13 @@ class LLM:
     # ---- one step (the engine thread) -----------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestDelta]:
-        self._drain()
+        ended = self._drain()
         out = self.scheduler.schedule()
         self._stats.preemptions += len(out.preempted)
         for seq in out.preempted:
             self._mtp[seq.request_id] = MTPState()
         if out.is_empty:
-            return []
+            return ended
         self._stats.num_steps += 1
         now = time.monotonic()
         items, row_of, drafts_of = [], [], []
@@ -376,7 +381,7 @@ class LLM:
                 touched.append((seq, n_out))
         self._draft([s for s, _ in touched if not s.is_finished])
         now = time.monotonic()
-        deltas = [self._delta(seq, n_out, now) for seq, n_out in touched]
+        deltas = ended + [self._delta(seq, n_out, now) for seq, n_out in touched]
         for seq, _ in touched:
             if seq.is_finished:
                 self._stats.num_finished += 1
@@ -495,7 +500,7 @@ class LLM:
                 if d.finished or (stream is not None and stream.stopped is not None):
                     a["done"] = (reason, d.metrics, d.stop_token_id)
                     pending -= 1
-        self._drain()  # the stop-string aborts posted in the last step
+        self._drain()  # the stop-string aborts posted in the last step (their final deltas are not needed)
         outs = []
         for (rid, j), a in acc.items():
             reason, m, stop_id = a["done"]
