@@ -10,6 +10,8 @@ from mimo.data.corpus import load_corpus, task_documents
 from mimo.data.tokenizer import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
+    TOOLS_INSTRUCTIONS,
+    TOOLS_PREAMBLE,
     Tokenizer,
     render_chat,
     render_chat_spans,
@@ -44,6 +46,61 @@ CONVERSATIONS = {
         USER,
         {"role": "assistant", "content": "429", "reasoning_content": "382 + 47 = 429"},
         {"role": "user", "content": "again"},
+    ],
+}
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Forecast in °C for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "opts": {"type": "object"}},
+            "required": ["city"],
+        },
+    },
+}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+TOOLS = [WEATHER, ADD]
+WEATHER_CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "arguments": {"city": "Paris\nrive gauche", "days": 3, "opts": {"units": ["C"], "hourly": True, "tz": None}},
+    },
+}
+ADD_CALL = {"id": "call_2", "type": "function", "function": {"name": "add", "arguments": {"a": 382, "b": 4.5}}}
+TOOL_CONVERSATIONS = {
+    "user": [USER],
+    "system_user": [SYSTEM, USER],
+    "tool_round": [
+        SYSTEM,
+        USER,
+        {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL, ADD_CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 °C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "386.5"},
+        {"role": "assistant", "content": "Sunny; 386.5."},
+        {"role": "user", "content": "thanks"},
+    ],
+    "thinking_tool_call": [
+        USER,
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "reasoning_content": "need weather",
+            "tool_calls": [WEATHER_CALL],
+        },
+        {"role": "tool", "content": [{"type": "text", "text": "rain 😀"}]},
+    ],
+    "tool_turns_apart": [
+        USER,
+        {"role": "assistant", "content": "", "tool_calls": [ADD_CALL]},
+        {"role": "tool", "content": "386.5"},
+        {"role": "assistant", "content": "", "tool_calls": [ADD_CALL]},
+        {"role": "tool", "content": "386.5"},
     ],
 }
 
@@ -235,3 +292,102 @@ def test_hf_tokenizer_agrees(tok, hf_tok):
     ids = tok.encode_chat(CONVERSATIONS["reasoning"])
     for skip in (False, True):
         assert hf_tok.decode(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_render_tools_exact_format():
+    """The tools section, tool calls and grouped tool replies are exactly the documented strings."""
+    listing = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in TOOLS)
+    assert "°C" in listing and TOOLS_PREAMBLE.startswith("# Tools\n\n") and TOOLS_PREAMBLE.endswith("<tools>")
+    assert TOOLS_INSTRUCTIONS.startswith("\n</tools>\n\n")
+    assert "<parameter=example_parameter_1>value_1</parameter>\n" in TOOLS_INSTRUCTIONS
+    system = f"<|im_start|>system\n{TOOLS_PREAMBLE}{listing}{TOOLS_INSTRUCTIONS}<|im_end|>\n"
+    assert render_chat([USER], tools=TOOLS) == system + render_chat([USER])
+    merged = system.replace("system\n", "system\nYou are MiMo. Answer briefly.\n\n", 1)
+    assert render_chat([SYSTEM, USER], tools=TOOLS) == merged + render_chat([USER])
+    assert render_chat(TOOL_CONVERSATIONS["tool_round"], tools=TOOLS) == merged + (
+        "<|im_start|>user\nadd 382 47<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        "<tool_call>\n<function=get_weather>\n<parameter=city>Paris\nrive gauche</parameter>\n"
+        "<parameter=days>3</parameter>\n"
+        '<parameter=opts>{"units": ["C"], "hourly": true, "tz": null}</parameter>\n</function>\n</tool_call>'
+        "<tool_call>\n<function=add>\n<parameter=a>382</parameter>\n<parameter=b>4.5</parameter>\n"
+        "</function>\n</tool_call><|im_end|>\n"
+        "<|im_start|>tool\n<tool_response>\nsunny, 21 °C\n</tool_response>\n"
+        "<tool_response>\n386.5\n</tool_response>\n<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nSunny; 386.5.<|im_end|>\n"
+        "<|im_start|>user\nthanks<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+    text = render_chat(TOOL_CONVERSATIONS["tool_turns_apart"])
+    assert text.count("<|im_start|>tool\n<tool_response>\n386.5\n</tool_response>\n<|im_end|>\n") == 2
+
+
+def test_no_tools_renders_as_before():
+    """tools=None and tools=[] render every tool-free conversation exactly as without the argument."""
+    for messages in CONVERSATIONS.values():
+        for thinking in (False, True):
+            plain = render_chat(messages, enable_thinking=thinking)
+            assert render_chat(messages, None, thinking, None) == render_chat(messages, None, thinking, []) == plain
+
+
+def test_tool_call_spans():
+    """Tool calls are part of the trained assistant span, with the answer before them and <|im_end|>."""
+    text, spans = render_chat_spans(TOOL_CONVERSATIONS["thinking_tool_call"], tools=TOOLS)
+    first = text[spans[0][0] : spans[0][1]]
+    assert first.startswith("need weather\n</think>\n\nChecking.<tool_call>\n<function=get_weather>\n")
+    assert first.endswith("</function>\n</tool_call><|im_end|>") and len(spans) == 1
+
+
+def test_tool_call_arguments_as_json_string(hf_tok):
+    """OpenAI clients send arguments as a JSON string: render_chat parses it; the Jinja template wants a mapping."""
+    as_string = json.loads(json.dumps(TOOL_CONVERSATIONS["tool_round"]))
+    for message in as_string:
+        for c in message.get("tool_calls") or ():
+            c["function"]["arguments"] = json.dumps(c["function"]["arguments"])
+    assert render_chat(as_string, tools=TOOLS) == render_chat(TOOL_CONVERSATIONS["tool_round"], tools=TOOLS)
+    with pytest.raises(Exception, match="mapping"):
+        hf_tok.apply_chat_template(as_string, tools=TOOLS, tokenize=False)
+    bad = [USER, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]
+    with pytest.raises(TypeError, match="JSON object"):
+        render_chat(bad)
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_CONVERSATIONS))
+@pytest.mark.parametrize("enable_thinking", [False, True])
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_hf_chat_template_matches_with_tools(tok, hf_tok, name, enable_thinking, add_generation_prompt):
+    """With tools, tool calls and tool replies, apply_chat_template still gives our text and ids."""
+    messages = TOOL_CONVERSATIONS[name]
+    kw = dict(add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+    ours = render_chat(messages, tools=TOOLS, **kw)
+    assert hf_tok.apply_chat_template(messages, tools=TOOLS, tokenize=False, **kw) == ours
+    ids = hf_tok.apply_chat_template(messages, tools=TOOLS, tokenize=True, return_dict=False, **kw)
+    assert ids == tok.encode_chat(messages, tools=TOOLS, **kw) == tok.encode(ours)
+
+
+@pytest.mark.parametrize("name", ["tool_round", "thinking_tool_call"])
+def test_hf_assistant_mask_matches_with_tools(tok, hf_tok, name):
+    """The training mask over tool calls equals transformers' return_assistant_tokens_mask."""
+    messages = TOOL_CONVERSATIONS[name]
+    out = hf_tok.apply_chat_template(messages, tools=TOOLS, tokenize=True, return_assistant_tokens_mask=True)
+    ids, mask = tok.encode_chat_with_mask(messages, add_generation_prompt=False, tools=TOOLS)
+    assert out["input_ids"] == ids and out["assistant_masks"] == mask
+    assert sum(mask) > 0
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+def test_shipped_model_template_with_tools(enable_thinking):
+    """The shipped model's saved template is CHAT_TEMPLATE and gives mimo's ids for tool conversations."""
+    from transformers import AutoTokenizer
+
+    config = json.loads(open("models/mimo-tiny/tokenizer_config.json", encoding="utf-8").read())
+    assert config["chat_template"] == CHAT_TEMPLATE
+    hf = AutoTokenizer.from_pretrained("models/mimo-tiny")
+    ours = Tokenizer.from_pretrained("models/mimo-tiny")
+    kw = dict(add_generation_prompt=True, enable_thinking=enable_thinking)
+    for messages in [*TOOL_CONVERSATIONS.values(), *CONVERSATIONS.values()]:
+        assert hf.apply_chat_template(messages, tools=TOOLS, tokenize=False, **kw) == render_chat(
+            messages, tools=TOOLS, **kw
+        )
+        ids = hf.apply_chat_template(messages, tools=TOOLS, tokenize=True, return_dict=False, **kw)
+        assert ids == ours.encode_chat(messages, tools=TOOLS, **kw)

@@ -38,6 +38,20 @@ the prompt used at inference. The assistant span (what the model is trained to p
 `render_chat_spans`) is everything the model generates after that prompt: `{answer}<|im_end|>`, or
 `{reasoning}\n</think>\n\n{answer}<|im_end|>` when reasoning is given. The role header, the empty think
 block and the newline after `<|im_end|>` belong to the prompt.
+
+Tools (MiMo's format: Qwen3-style tool list, Qwen3-Coder-style XML calls; nothing of it appears unless `tools`,
+`tool_calls` or a `tool` message is given):
+
+    <|im_start|>system\n{system}\n\n# Tools\n\n...<tools>\n{tool 1 as JSON}\n{tool 2 as JSON}\n</tools>\n\n
+        {format instructions}<|im_end|>\n              (`{system}\n\n` only if messages[0] is a system message)
+    <|im_start|>assistant\n<think>\n\n</think>\n\n{answer}<tool_call>\n<function={name}>\n
+        <parameter={key}>{value}</parameter>\n</function>\n</tool_call><|im_end|>\n      (one block per call)
+    <|im_start|>tool\n<tool_response>\n{result 1}\n</tool_response>\n<tool_response>\n{result 2}\n
+        </tool_response>\n<|im_end|>\n                           (consecutive tool messages share one turn)
+
+A parameter value is written verbatim when it is a string and as JSON otherwise (`3`, `true`, `null`,
+`{"a": 1}`). Tool calls belong to the assistant span. `mimo.serve.parsers` parses this back out of generated
+text.
 """
 
 from __future__ import annotations
@@ -66,9 +80,39 @@ PRETOKENIZE_PATTERN = (
 THINK_OFF_PREFIX = "<think>\n\n</think>\n\n"
 THINK_ON_PREFIX = "<think>\n"
 
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+TOOL_RESPONSE_START, TOOL_RESPONSE_END = "<tool_response>", "</tool_response>"
+# The tools section of the system prompt: Qwen3's list (one JSON schema per line inside <tools>) followed by the
+# format instructions of MiMo's published templates, so a MiMo checkpoint reads the wording it was tuned on.
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_INSTRUCTIONS = (
+    "\n</tools>\n\n"
+    "For each function call, output the function name and arguments in the following format:\n"
+    "<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>value_1</parameter>\n"
+    "<parameter=example_parameter_2>This is the value for the second parameter\nthat can span\nmultiple lines"
+    "</parameter>\n</function>\n</tool_call>\n\n"
+    "<IMPORTANT>\n"
+    "- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested "
+    "within <tool_call></tool_call> XML tags\n"
+    "- DO NOT use function calls inside <think></think> tags.\n"
+    "- The value enclosed between parameter tags is preserved exactly as-is, including newlines and spaces.\n"
+    "</IMPORTANT>"
+)
+
+
+def _jinja_literal(text: str) -> str:
+    """`text` as a single-quoted Jinja string literal, so the template and `render_chat` share one copy."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
 # The Jinja twin of `render_chat_spans`. Whitespace lives only inside string literals so that the
 # trim_blocks/lstrip_blocks settings of transformers cannot change it. `{% generation %}` marks the assistant
 # span for `apply_chat_template(..., return_assistant_tokens_mask=True)` (TRL's `assistant_only_loss`).
+# Jinja cannot parse JSON, so unlike `render_chat` it takes tool-call arguments only as mappings (as transformers
+# documents); `raise_exception` is a global that transformers provides.
 CHAT_TEMPLATE = (
     "{%- macro text(content) -%}"
     "{%- if content is string -%}{{- content -}}"
@@ -76,18 +120,47 @@ CHAT_TEMPLATE = (
     "{%- for part in content -%}{%- if part.type == 'text' -%}{{- part.text -}}{%- endif -%}{%- endfor -%}"
     "{%- endif -%}"
     "{%- endmacro -%}"
+    "{%- macro tool_calls(calls) -%}"
+    "{%- if calls -%}{%- for call in calls -%}"
+    "{%- set fn = call.function if call.function is defined else call -%}"
+    "{%- set args = fn.arguments if fn.arguments is defined else {} -%}"
+    "{%- if args is not mapping -%}"
+    "{{- raise_exception('tool call arguments must be a mapping (parse the JSON string first)') -}}"
+    "{%- endif -%}"
+    "{{- '<tool_call>\\n<function=' + fn.name + '>\\n' -}}"
+    "{%- for key, value in args | items -%}"
+    "{{- '<parameter=' + key + '>' + (value if value is string else value | tojson) + '</parameter>\\n' -}}"
+    "{%- endfor -%}"
+    "{{- '</function>\\n</tool_call>' -}}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages[0].role == 'system' -%}{{- text(messages[0].content) + '\\n\\n' -}}{%- endif -%}"
+    "{{- " + _jinja_literal(TOOLS_PREAMBLE) + " -}}"
+    "{%- for tool in tools -%}{{- '\\n' + tool | tojson -}}{%- endfor -%}"
+    "{{- " + _jinja_literal(TOOLS_INSTRUCTIONS + IM_END + "\n") + " -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
-    "{%- if message.role == 'assistant' -%}"
+    "{%- if tools and loop.first and message.role == 'system' -%}"
+    "{%- elif message.role == 'assistant' -%}"
     "{{- '<|im_start|>assistant\\n<think>\\n' -}}"
     "{%- if message.reasoning_content -%}"
     "{%- generation -%}"
-    "{{- message.reasoning_content + '\\n</think>\\n\\n' + text(message.content) + '<|im_end|>' -}}"
+    "{{- message.reasoning_content + '\\n</think>\\n\\n' + text(message.content) + tool_calls(message.tool_calls)"
+    " + '<|im_end|>' -}}"
     "{%- endgeneration -%}"
     "{%- else -%}"
     "{{- '\\n</think>\\n\\n' -}}"
-    "{%- generation -%}{{- text(message.content) + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{%- generation -%}"
+    "{{- text(message.content) + tool_calls(message.tool_calls) + '<|im_end|>' -}}"
+    "{%- endgeneration -%}"
     "{%- endif -%}"
     "{{- '\\n' -}}"
+    "{%- elif message.role == 'tool' -%}"
+    "{%- if loop.first or loop.previtem.role != 'tool' -%}{{- '<|im_start|>tool\\n' -}}{%- endif -%}"
+    "{{- '<tool_response>\\n' + text(message.content) + '\\n</tool_response>\\n' -}}"
+    "{%- if loop.last or loop.nextitem.role != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
     "{%- else -%}"
     "{{- '<|im_start|>' + message.role + '\\n' + text(message.content) + '<|im_end|>\\n' -}}"
     "{%- endif -%}"
@@ -99,6 +172,7 @@ CHAT_TEMPLATE = (
 )
 
 Message = Mapping[str, Any]
+Tool = Mapping[str, Any]
 
 
 def _content_text(content: Any) -> str:
@@ -112,8 +186,28 @@ def _content_text(content: Any) -> str:
     raise TypeError(f"message content must be a string or a list of parts, got {type(content).__name__}")
 
 
+def _tool_call_text(call: Mapping[str, Any]) -> str:
+    """One OpenAI-shaped tool call (`{"function": {"name", "arguments"}}`, or the inner dict alone) in MiMo's
+    format. `arguments` may be a JSON string, as OpenAI clients send it, or a mapping."""
+    fn = call.get("function", call)
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        args = json.loads(args) if args.strip() else {}
+    if not isinstance(args, Mapping):
+        raise TypeError(f"tool call arguments must be a JSON object, got {type(args).__name__}")
+    params = "".join(
+        f"<parameter={key}>{value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}"
+        "</parameter>\n"
+        for key, value in args.items()
+    )
+    return f"{TOOL_CALL_START}\n<function={fn['name']}>\n{params}</function>\n{TOOL_CALL_END}"
+
+
 def render_chat_spans(
-    messages: Sequence[Message], add_generation_prompt: bool | None = None, enable_thinking: bool = False
+    messages: Sequence[Message],
+    add_generation_prompt: bool | None = None,
+    enable_thinking: bool = False,
+    tools: Sequence[Tool] | None = None,
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages` and return (text, spans): spans are [start, end) character ranges of the assistant
     parts the model is trained to produce (see the module docstring).
@@ -121,6 +215,11 @@ def render_chat_spans(
     `add_generation_prompt=None` means: add it unless the last message is from the assistant, so
     `render_chat(prompt_messages)` is an inference prompt and `render_chat(prompt_messages + [answer])` a
     training example. An explicit True/False is obeyed as in `apply_chat_template`.
+
+    `tools` (OpenAI format, `{"type": "function", "function": {"name", "description", "parameters"}}`) adds the
+    tools section to the system prompt (merged into `messages[0]` when that is a system message). Assistant
+    messages may carry OpenAI `tool_calls`; `tool` messages render as `<tool_response>` blocks, `tool_call_id`
+    is not rendered (MiMo's template does not render it either).
 
     Example: [{"role": "user", "content": "add 1 2"}, {"role": "assistant", "content": "3"}] renders as
     "<|im_start|>user\\nadd 1 2<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n3<|im_end|>\\n"
@@ -139,17 +238,32 @@ def render_chat_spans(
         parts.append(s)
         pos += len(s)
 
-    for m in messages:
+    rest = messages
+    if tools:
+        system = ""
+        if messages[0]["role"] == "system":
+            system = _content_text(messages[0].get("content")) + "\n\n"
+            rest = messages[1:]
+        listing = "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
+        emit(f"{IM_START}system\n{system}{TOOLS_PREAMBLE}{listing}{TOOLS_INSTRUCTIONS}{IM_END}\n")
+    for i, m in enumerate(rest):
         role, content = m["role"], _content_text(m.get("content"))
         if role == "assistant":
             emit(f"{IM_START}assistant\n{THINK}\n")
             reasoning = m.get("reasoning_content")
+            calls = "".join(_tool_call_text(c) for c in m.get("tool_calls") or ())
             if reasoning:
-                emit(f"{reasoning}\n{THINK_END}\n\n{content}{IM_END}", trained=True)
+                emit(f"{reasoning}\n{THINK_END}\n\n{content}{calls}{IM_END}", trained=True)
             else:
                 emit(f"\n{THINK_END}\n\n")
-                emit(f"{content}{IM_END}", trained=True)
+                emit(f"{content}{calls}{IM_END}", trained=True)
             emit("\n")
+        elif role == "tool":
+            if i == 0 or rest[i - 1]["role"] != "tool":
+                emit(f"{IM_START}tool\n")
+            emit(f"{TOOL_RESPONSE_START}\n{content}\n{TOOL_RESPONSE_END}\n")
+            if i == len(rest) - 1 or rest[i + 1]["role"] != "tool":
+                emit(f"{IM_END}\n")
         else:
             emit(f"{IM_START}{role}\n{content}{IM_END}\n")
     if add_generation_prompt is None:
@@ -160,10 +274,13 @@ def render_chat_spans(
 
 
 def render_chat(
-    messages: Sequence[Message], add_generation_prompt: bool | None = None, enable_thinking: bool = False
+    messages: Sequence[Message],
+    add_generation_prompt: bool | None = None,
+    enable_thinking: bool = False,
+    tools: Sequence[Tool] | None = None,
 ) -> str:
     """The chat text for `messages`; see `render_chat_spans` for the arguments."""
-    return render_chat_spans(messages, add_generation_prompt, enable_thinking)[0]
+    return render_chat_spans(messages, add_generation_prompt, enable_thinking, tools)[0]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -323,24 +440,29 @@ class Tokenizer:
 
     @staticmethod
     def render_chat(
-        messages: Sequence[Message], add_generation_prompt: bool | None = None, enable_thinking: bool = False
+        messages: Sequence[Message],
+        add_generation_prompt: bool | None = None,
+        enable_thinking: bool = False,
+        tools: Sequence[Tool] | None = None,
     ) -> str:
-        return render_chat(messages, add_generation_prompt, enable_thinking)
+        return render_chat(messages, add_generation_prompt, enable_thinking, tools)
 
     def encode_chat(
         self,
         messages: Sequence[Message],
         add_generation_prompt: bool | None = None,
         enable_thinking: bool = False,
+        tools: Sequence[Tool] | None = None,
     ) -> list[int]:
         """Ids of `render_chat(...)`; identical to `AutoTokenizer.apply_chat_template(..., tokenize=True)`."""
-        return self.encode(render_chat(messages, add_generation_prompt, enable_thinking))
+        return self.encode(render_chat(messages, add_generation_prompt, enable_thinking, tools))
 
     def encode_chat_with_mask(
         self,
         messages: Sequence[Message],
         add_generation_prompt: bool | None = None,
         enable_thinking: bool = False,
+        tools: Sequence[Tool] | None = None,
     ) -> tuple[list[int], list[int]]:
         """(ids, mask): mask[i] = 1 when token i overlaps an assistant span of `render_chat_spans`.
 
@@ -348,7 +470,7 @@ class Tokenizer:
         segment-wise encoding could differ), and the overlap rule equals transformers'
         `return_assistant_tokens_mask`.
         """
-        text, spans = render_chat_spans(messages, add_generation_prompt, enable_thinking)
+        text, spans = render_chat_spans(messages, add_generation_prompt, enable_thinking, tools)
         enc = self.backend.encode(text, add_special_tokens=False)
         mask = [0] * len(enc.ids)
         k = 0
