@@ -115,3 +115,11 @@ def test_ctrl_c_stops_the_reply_not_the_session():
     assert rc == 0 and "Partial [stopped]\n" in out and "next\n" in out
     assert server.requests[1]["messages"][:2] == [{"role": "user", "content": "long question"},
                                                   {"role": "assistant", "content": "Partial"}]
+
+
+def test_a_reply_of_thinking_only_stays_in_the_history():
+    server = FakeServer([(200, sse({"reasoning_content": "hmm"})), (200, sse({"content": "ok"}))])
+    rc, out, chat = session(server, ["/think on", "q", "again"])
+    assert "<think>\nhmm\n</think>\n" in out
+    assert server.requests[1]["messages"] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""},
+                                              {"role": "user", "content": "again"}]

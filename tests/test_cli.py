@@ -112,6 +112,8 @@ def test_models_the_cli_cannot_tokenise_say_so(tmp_path):
     assert "has no tokenizer" in line
     line = one_error_line(mimo("distill-mtp", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)))
     assert "model directory not found" in line
+    for command in ("serve", "chat"):
+        assert "'debug' is a preset" in one_error_line(mimo(command, "--model", "debug"))
 
 
 def test_limits_are_errors_naming_the_flag_and_the_limit():

@@ -156,18 +156,19 @@ def turn(chat: Chat, text: str, out: TextIO, color: bool) -> None:
                     reply.append(piece)
     except KeyboardInterrupt:
         switch(None)
-        out.write(" [stopped]")
+        out.write(" [stopped]\n")
+        if not reply:  # stopped before any answer: the question stays unasked
+            chat.messages.pop()
+            return
     except ChatError as e:
         switch(None)
         out.write(f"\nerror: {e}\n")
         chat.messages.pop()
         return
-    switch(None)
-    out.write("\n")
-    if reply:
-        chat.messages.append({"role": "assistant", "content": "".join(reply)})
-    else:  # stopped before any answer: the question stays unasked
-        chat.messages.pop()
+    else:
+        switch(None)
+        out.write("\n")
+    chat.messages.append({"role": "assistant", "content": "".join(reply)})
 
 
 def chat_loop(chat: Chat, read_line: Callable[[str], str], out: TextIO, color: bool | None = None) -> int:

@@ -16,6 +16,7 @@ from mimo.cli import (
     nonnegative_int,
     port_number,
     positive_int,
+    text_model_dir,
     user_errors,
 )
 
@@ -24,30 +25,46 @@ API_KEY_ENV = "MIMO_API_KEY"
 
 
 def _api_key_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--api-key", default=env_default(API_KEY_ENV), help=f"{what} (default: ${API_KEY_ENV})")
+    p.add_argument("--api-key", metavar="KEY", default=env_default(API_KEY_ENV),
+                   help=f"{what} (default: ${API_KEY_ENV})")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", help="model directory (default: the bundled mimo-tiny)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=port_number, default=8000, help="default: %(default)s; 0 = any free port")
+    p.add_argument("--port", type=port_number, default=8000, metavar="N",
+                   help="default: %(default)s; 0 = any free port")
     _api_key_arg(p, "clients must send it as a bearer token")
-    p.add_argument("--served-model-name", help="the model name clients see and send (default: from --model)")
-    p.add_argument("--num-speculative-tokens", type=nonnegative_int, help="MTP drafts per step (default: all heads)")
-    p.add_argument("--max-num-seqs", type=positive_int, help="requests decoded together at most")
-    p.add_argument("--max-model-len", type=positive_int, help="prompt + output tokens of a request at most")
-    p.add_argument("--max-queue", type=positive_int, help="waiting requests at most (more get HTTP 503)")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model name clients see and send (default: the model directory's name)")
+    p.add_argument("--num-speculative-tokens", type=nonnegative_int, metavar="K",
+                   help="MTP drafts per step (default: all heads)")
+    p.add_argument("--max-num-seqs", type=positive_int, metavar="N", help="requests decoded together at most")
+    p.add_argument("--max-model-len", type=positive_int, metavar="N",
+                   help="prompt + output tokens of a request at most")
+    p.add_argument("--max-queue", type=nonnegative_int, metavar="N",
+                   help="requests admitted beyond --max-num-seqs before answering 429")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads")
+
+
+SERVE_FIELDS = ("model", "host", "port", "api_key", "served_model_name", "num_speculative_tokens", "max_num_seqs",
+                "max_model_len", "max_queue", "threads")
+BENCH_FIELDS = ("url", "model", "num_requests", "concurrency", "request_rate", "prompts", "max_tokens", "temperature",
+                "seed", "json_out", "api_key", "endpoint", "ignore_eos", "num_speculative_tokens")
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """The flags the user gave (the rest keep the config dataclass's defaults, one source for them)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        text_model_dir(args.model, "mimo serve")
     from mimo.serve.server import ServeConfig, run
 
     with user_errors(ValueError, FileNotFoundError):
-        config = ServeConfig(model=args.model, host=args.host, port=args.port, api_key=args.api_key,
-                             served_model_name=args.served_model_name,
-                             num_speculative_tokens=args.num_speculative_tokens, max_num_seqs=args.max_num_seqs,
-                             max_model_len=args.max_model_len, max_queue=args.max_queue)
-    return run(config)
+        return run(ServeConfig(**_given(args, SERVE_FIELDS)))
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
@@ -57,8 +74,8 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
                    "without: the model directory to serve (default: the bundled mimo-tiny)")
     _api_key_arg(p, "sent as a bearer token")
     p.add_argument("--think", action="store_true", help="start with thinking on (toggle with /think on|off)")
-    p.add_argument("--max-tokens", type=positive_int, help="per reply (default: the server's)")
-    p.add_argument("--temperature", type=nonnegative_float, help="default: the server's")
+    p.add_argument("--max-tokens", type=positive_int, metavar="N", help="per reply (default: the server's)")
+    p.add_argument("--temperature", type=nonnegative_float, metavar="T", help="default: the server's")
 
 
 def chat(args: argparse.Namespace) -> int:
@@ -67,6 +84,8 @@ def chat(args: argparse.Namespace) -> int:
     server = None
     url = args.url
     if url is None:
+        if args.model is not None:
+            text_model_dir(args.model, "mimo chat")
         from mimo.serve.server import ServeConfig, start_background
 
         with user_errors(ValueError, FileNotFoundError):
@@ -100,35 +119,30 @@ def _request_rate(text: str) -> float:
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     p.add_argument("--model", help="model name to ask for (default: the server's first)")
-    p.add_argument("--num-requests", type=positive_int, default=64, help="default: %(default)s")
-    p.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight at most "
-                   "(default: %(default)s)")
-    p.add_argument("--request-rate", type=_request_rate, default=float("inf"),
+    p.add_argument("--num-requests", type=positive_int, metavar="N")
+    p.add_argument("--concurrency", type=positive_int, metavar="N", help="requests in flight at most")
+    p.add_argument("--request-rate", type=_request_rate, metavar="R",
                    help="Poisson arrivals per second (default: inf = all at once)")
-    p.add_argument("--prompts", type=_prompt_set, default="code", metavar="code|chat|FILE.jsonl",
-                   help="built-in code or chat prompts, or one JSON object per line (default: %(default)s)")
-    p.add_argument("--max-tokens", type=positive_int, default=64, help="per request (default: %(default)s)")
-    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
-    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="default: %(default)s")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts", type=_prompt_set, metavar="code|chat|FILE.jsonl",
+                   help="built-in code or chat prompts (default: code), or a file of one JSON object per line")
+    p.add_argument("--max-tokens", type=positive_int, metavar="N", help="per request")
+    p.add_argument("--ignore-eos", action="store_true", default=None, help="always generate --max-tokens tokens")
+    p.add_argument("--temperature", type=nonnegative_float, metavar="T")
+    p.add_argument("--seed", type=int, metavar="N")
     p.add_argument("--json", metavar="FILE", dest="json_out", help="also write the results here")
     _api_key_arg(p, "sent as a bearer token")
     p.add_argument("--endpoint", choices=("chat", "completions"),
                    help="/v1/chat/completions or /v1/completions (default: completions for text prompts, chat "
                    "for messages)")
-    p.add_argument("--num-speculative-tokens", type=nonnegative_int, help="MTP drafts per step, sent with each "
-                   "request (default: the server's)")
+    p.add_argument("--num-speculative-tokens", type=nonnegative_int, metavar="K",
+                   help="MTP drafts per step, sent with each request (default: the server's)")
 
 
 def bench_serve(args: argparse.Namespace) -> int:
     from mimo.serve.bench import BenchConfig, run
 
     with user_errors(ValueError, FileNotFoundError):
-        config = BenchConfig(url=args.url, model=args.model, num_requests=args.num_requests,
-                             concurrency=args.concurrency, request_rate=args.request_rate, prompts=args.prompts,
-                             max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                             json_out=args.json_out, api_key=args.api_key, endpoint=args.endpoint,
-                             ignore_eos=args.ignore_eos, num_speculative_tokens=args.num_speculative_tokens)
+        config = BenchConfig(**_given(args, BENCH_FIELDS))
     return run(config)
 
 
