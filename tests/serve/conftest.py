@@ -30,3 +30,28 @@ def _wait_idle(server, timeout=10.0):
             return
         time.sleep(0.02)
     raise AssertionError(f"server not idle: {server.llm.stats()}")
+
+
+class scripted_output:
+    """Make the engine emit `text` (then EOS) for the requests started inside the block, whatever the model
+    would have said. The HTTP layer, chat template, detokeniser and parsers all run for real; only the
+    sampled ids are replaced. The tiny model never writes a tool call or a think block on its own, and the
+    parsing path must still be tested end to end."""
+
+    def __init__(self, server, text: str):
+        self.llm, self.ids = server.llm, server.llm.tokenizer.encode(text) + [server.llm.tokenizer.eos_id]
+
+    def __enter__(self):
+        real = self.llm._sample
+        ids = self.ids
+
+        def scripted(sched, items, drafts_of, logits):
+            out = real(sched, items, drafts_of, logits)
+            return [(toks if not toks else [ids[min(it.seq.num_output_tokens, len(ids) - 1)]], None)
+                    for it, (toks, _) in zip(sched, out)]
+
+        self.llm._sample = scripted
+        return self
+
+    def __exit__(self, *exc):
+        del self.llm._sample

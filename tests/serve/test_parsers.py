@@ -405,3 +405,14 @@ def test_imports_without_torch():
     """The parsers are plain Python: importing them loads no torch."""
     code = "import sys, mimo.serve.parsers; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_values_on_their_own_lines_lose_the_framing_newlines():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "s": {"type": "string"}, "n": {"type": "integer"}}}}}]
+    text = "<tool_call>\n<function=f>\n<parameter=s>\nline one\nline two\n</parameter>\n<parameter=n>\n7\n</parameter>\n"\
+           "</function>\n</tool_call>"
+    d = parse_output(text, thinking=False, tools=tools)
+    assert json.loads(d.tool_calls[0].arguments) == {"s": "line one\nline two", "n": 7}
+    d = parse_output(text.replace("<parameter=s>\nline one", "<parameter=s>\n\nline one"), False, tools)
+    assert json.loads(d.tool_calls[0].arguments)["s"] == "\nline one\nline two"

@@ -16,6 +16,7 @@ character 3 (dropped): num_tokens is 2.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Sequence
 
 
@@ -29,6 +30,7 @@ class TextStream:
         self._starts: list[int] = []  # per token: len(_text) before it
         self.stopped: str | None = None  # the stop string that ended the text
         self._cut: int | None = None  # tokens kept once stopped
+        self._ended = False
 
     @property
     def text(self) -> str:
@@ -39,6 +41,14 @@ class TextStream:
     def num_tokens(self) -> int:
         """Tokens that produced the text: all pushed ones, or those up to the stop."""
         return len(self._starts) if self._cut is None else self._cut
+
+    @property
+    def released_tokens(self) -> int:
+        """Tokens whose text has started to be handed out (all of `num_tokens` once ended): what a stream may
+        attach logprobs to without running ahead of the text a stop string could still cut."""
+        if self._ended or self.stopped is not None:
+            return self.num_tokens
+        return bisect.bisect_left(self._starts, self._sent)
 
     def push(self, token_ids: Iterable[int]) -> str:
         """Add tokens; returns the new text that is safe to send. After a stop, pushes are ignored."""
@@ -61,6 +71,7 @@ class TextStream:
 
     def finish(self) -> str:
         """The output ended (EOS, length, abort): flush what was held back."""
+        self._ended = True
         if self.stopped is None:
             self._text += self._dec.flush()
         return self._emit(len(self._text))

@@ -134,7 +134,7 @@ class Generation:
         stopped = c.stream.stopped is not None
         if d.finished or stopped:
             text += c.stream.finish()
-        n_kept = c.stream.num_tokens
+        n_kept = c.stream.released_tokens
         ev = ChoiceEvent(d.index, token_ids=c.ids[c.kept:n_kept], logprobs=c.lps[c.kept:n_kept])
         if n_kept > c.kept:
             if c.first is None:

@@ -248,6 +248,10 @@ def _parse_call(body: str, tools: Mapping[str, Mapping[str, Any]]) -> ToolCall |
             pos = min(stops, default=len(body))
             raw = body[start:pos].removesuffix("\n")
         key = param.group(1).strip()
+        # Qwen3-Coder-style output puts the value on its own lines (`<parameter=p>\nvalue\n</parameter>`);
+        # those two newlines are framing, as in SGLang's and vLLM's parsers for this format
+        if raw.startswith("\n") and raw.endswith("\n") and len(raw) >= 2:
+            raw = raw[1:-1]
         args[key] = _typed(raw, schema.get(key))
     return ToolCall(name, json.dumps(args, ensure_ascii=False))
 
