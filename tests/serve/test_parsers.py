@@ -410,8 +410,8 @@ def test_imports_without_torch():
 def test_values_on_their_own_lines_lose_the_framing_newlines():
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
         "s": {"type": "string"}, "n": {"type": "integer"}}}}}]
-    text = "<tool_call>\n<function=f>\n<parameter=s>\nline one\nline two\n</parameter>\n<parameter=n>\n7\n</parameter>\n"\
-           "</function>\n</tool_call>"
+    text = ("<tool_call>\n<function=f>\n<parameter=s>\nline one\nline two\n</parameter>\n"
+            "<parameter=n>\n7\n</parameter>\n</function>\n</tool_call>")
     d = parse_output(text, thinking=False, tools=tools)
     assert json.loads(d.tool_calls[0].arguments) == {"s": "line one\nline two", "n": 7}
     d = parse_output(text.replace("<parameter=s>\nline one", "<parameter=s>\n\nline one"), False, tools)
