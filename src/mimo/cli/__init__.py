@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-ABOUT = "mimo: generate with, chat with, serve and train MiMo-V2-Flash language models (a small one is bundled)."
+ABOUT = "mimo: generate, chat, serve and train with MiMo-V2-Flash language models (a small trained one is bundled)."
 
 
 class UserError(Exception):
@@ -57,7 +56,8 @@ def user_errors(*types: type[BaseException]) -> Iterator[None]:
 
 # ---- flag types: argparse names the flag in the error, e.g. "argument --n: expected a positive integer" ----
 
-def _number(kind: type, ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
+def number_type(kind: type, ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """An argparse `type=`: `kind(text)` when `ok` of it, else an error saying `what` was expected."""
     def parse(text: str):
         try:
             x = kind(text)
@@ -70,13 +70,13 @@ def _number(kind: type, ok: Callable[[float], bool], what: str) -> Callable[[str
     return parse
 
 
-positive_int = _number(int, lambda x: x > 0, "a positive integer")
-nonnegative_int = _number(int, lambda x: x >= 0, "an integer >= 0")
-nonnegative_float = _number(float, lambda x: 0 <= x < math.inf, "a number >= 0")
-positive_float = _number(float, lambda x: 0 < x < math.inf, "a positive number")
-unit_fraction = _number(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
-nucleus = _number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
-port_number = _number(int, lambda x: 0 <= x <= 65535, "a port in [0, 65535]")
+positive_int = number_type(int, lambda x: x > 0, "a positive integer")
+nonnegative_int = number_type(int, lambda x: x >= 0, "an integer >= 0")
+nonnegative_float = number_type(float, lambda x: 0 <= x < math.inf, "a number >= 0")
+positive_float = number_type(float, lambda x: 0 < x < math.inf, "a positive number")
+unit_fraction = number_type(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
+nucleus = number_type(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
+port_number = number_type(int, lambda x: 0 <= x <= 65535, "a port in [0, 65535]")
 
 
 def positive_int_list(text: str) -> list[int]:
@@ -88,10 +88,6 @@ def positive_int_list(text: str) -> list[int]:
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return values
-
-
-def env_default(name: str) -> str | None:
-    return os.environ.get(name) or None
 
 
 # ---- shared steps of the commands --------------------------------------------------------------------------

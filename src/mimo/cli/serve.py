@@ -6,14 +6,15 @@ The implementations live in `mimo.serve` and `mimo.cli.chat`; they are imported 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from mimo.cli import (
     Command,
-    env_default,
     nonnegative_float,
     nonnegative_int,
+    number_type,
     port_number,
     positive_int,
     text_model_dir,
@@ -25,7 +26,7 @@ API_KEY_ENV = "MIMO_API_KEY"
 
 
 def _api_key_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--api-key", metavar="KEY", default=env_default(API_KEY_ENV),
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV) or None,
                    help=f"{what} (default: ${API_KEY_ENV})")
 
 
@@ -106,14 +107,7 @@ def _prompt_set(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected code, chat or an existing .jsonl file, got {text!r}")
 
 
-def _request_rate(text: str) -> float:
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = 0.0
-    if not rate > 0:
-        raise argparse.ArgumentTypeError(f"expected requests per second > 0 or inf, got {text!r}")
-    return rate
+_request_rate = number_type(float, lambda x: x > 0, "requests per second > 0 or inf")
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:

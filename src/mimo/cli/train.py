@@ -59,7 +59,7 @@ def _evaluate(model_dir, tasks, n: int, seed: int = 0, max_new_tokens: int = 24,
     """Task accuracy of a model or checkpoint directory, with a progress bar over the examples."""
     from mimo.train.eval import evaluate_tasks, load_for_eval
 
-    with user_errors(ValueError, FileNotFoundError, OSError):
+    with user_errors(ValueError, OSError):
         model, tok = load_for_eval(model_dir)
     with progress_bar(len(tasks) * n, "eval", progress) as bar:
         return evaluate_tasks(model, tok, tasks, n, seed, max_new_tokens, progress=bar.update)
@@ -180,7 +180,7 @@ def recipe(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         try:
             with user_errors(*_train_errors()):
-                if has_checkpoint(cfg.out) and load_train_state(find_checkpoint(cfg.out))["step"] >= cfg.steps:
+                if has_checkpoint(cfg.out) and int(load_train_state(find_checkpoint(cfg.out))["step"]) >= cfg.steps:
                     print(f"[{name}] already finished in {cfg.out}", file=sys.stderr)
                     summary = {}
                 else:
