@@ -3,6 +3,8 @@
 Unknown fields are rejected (`extra="forbid"`): a field the engine cannot honour (`response_format`,
 `logit_bias`, `best_of`, ...) gets a 400 naming it instead of being silently ignored. The documented no-ops
 are listed as fields and then dropped: `user`, `metadata`, `parallel_tool_calls`, `service_tier`.
+Anthropic's current client has no sampling arguments; `temperature` / `top_p` / `top_k` still arrive through its
+`extra_body` and are honoured.
 Message objects allow extra keys (clients echo back assistant messages with `refusal`, `annotations`, ...).
 """
 
@@ -204,6 +206,7 @@ class MessagesRequest(_Strict):
     tool_choice: dict[str, Any] | None = None
     thinking: ThinkingConfig | None = None
     metadata: dict[str, Any] | None = None  # documented no-op
+    service_tier: str | None = None  # documented no-op: there is one tier
 
     @model_validator(mode="after")
     def _checks(self):
