@@ -157,3 +157,71 @@ def test_tasks_module_is_torch_free():
     names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any("torch" in (m or "") for m in names | modules)
+
+
+OOD_FORMATS = {
+    "add": (r"add [1-9]\d{3} [1-9]\d{3}", r"[1-9]\d{3,4}"),
+    "reverse": (r"reverse [a-z]{13,16}", r"[a-z]{13,16}"),
+    "sort": (r"sort \d( \d){10,13}", r"\d( \d){10,13}"),
+}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_ood_lengths_and_answers(task):
+    """OOD prompts are longer than any training prompt, cover their whole length range, and solve right."""
+    prompt_re, answer_re = OOD_FORMATS[task]
+    examples = generate_examples(task, 300, "ood", seed=0)
+    assert len({ex.prompt for ex in examples}) == 300
+    for ex in examples:
+        assert re.fullmatch(prompt_re, ex.prompt), ex.prompt
+        assert re.fullmatch(answer_re, ex.answer), ex.answer
+        assert tasks.solve_ood(ex.prompt) == ex
+        args = ex.prompt.split(" ")[1:]
+        if task == "add":
+            assert int(ex.answer) == int(args[0]) + int(args[1])
+        elif task == "reverse":
+            assert ex.answer == args[0][::-1]
+        else:
+            assert ex.answer.split(" ") == sorted(args)
+    sizes = {len(ex.prompt.split(" ")[1]) if task == "reverse" else len(ex.prompt.split(" ")) - 1
+             for ex in examples}
+    assert sizes == {"add": {2}, "reverse": {13, 14, 15, 16}, "sort": {11, 12, 13, 14}}[task]
+    if task == "add":
+        assert {len(a) for ex in examples for a in ex.prompt.split(" ")[1:]} == {4}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_ood_is_disjoint_from_training(task):
+    """No OOD prompt is a valid in-distribution prompt, so none can be in train or held-out; and the other
+    way round: solve() rejects OOD prompts and solve_ood() rejects training prompts."""
+    ood = generate_examples(task, 500, "ood", seed=1)
+    train = generate_examples(task, 500, "train", seed=1) + generate_examples(task, 100, "heldout", seed=1)
+    assert not {ex.prompt for ex in ood} & {ex.prompt for ex in train}
+    for ex in ood:
+        with pytest.raises(ValueError):
+            solve(ex.prompt)
+    for ex in train:
+        with pytest.raises(ValueError):
+            tasks.solve_ood(ex.prompt)
+
+
+def test_ood_generation_is_deterministic():
+    a = generate_examples("sort", 50, "ood", seed=4)
+    assert a == generate_examples("sort", 50, "ood", seed=4) != generate_examples("sort", 50, "ood", seed=5)
+
+
+@pytest.mark.parametrize("prompt", ["add 0999 1000", "add 10000 1000", "add 999 1000", "reverse abcdefghijklmnopq",
+                                    "sort 1 2 3 4 5 6 7 8 9 0", "sort 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5",
+                                    "add ١٢٣٤ 1000"])
+def test_solve_ood_rejects_malformed(prompt):
+    with pytest.raises(ValueError):
+        tasks.solve_ood(prompt)
+
+
+def test_ood_verifier():
+    """check/reward score OOD completions with the same exact match."""
+    ex = tasks.solve_ood("add 9393 4638")
+    assert ex.answer == "14031"
+    assert reward(ex, " 14031\n") == 1.0 and reward(ex, "1403") == 0.0 and reward(ex, "14031 ") == 1.0
+    assert evaluate(lambda batch: [tasks.solve_ood(m[0]["content"]).answer for m in batch], n_per_task=5,
+                    split="ood") == dict.fromkeys(TASKS, 1.0)

@@ -11,6 +11,16 @@ Formats (fixed; the prompt is the whole user message, the answer the whole assis
 Train/held-out split: a prompt is held out when h mod 100 < `HELDOUT_PERCENT` (10), h being the first 8 bytes
 of sha256(prompt) read as a big-endian integer (`is_heldout`). Membership depends on the prompt alone, so
 the two splits never share a prompt for any seed or count, and a prompt's split never changes.
+
+Out-of-distribution split (`ood`): the same formats with longer inputs than any train or held-out prompt,
+so it is disjoint from both by construction (no hashing), and `solve` rejects its prompts (`solve_ood`
+parses them):
+
+| task | operands |
+|---|---|
+| add | two integers in [1000, 9999] |
+| reverse | 13-16 lowercase ASCII letters |
+| sort | 11-14 digits |
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 TASKS = ("add", "reverse", "sort")
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "ood")
 HELDOUT_PERCENT = 10
 _NUMBERS = frozenset(str(i) for i in range(1000))
 _LETTERS = frozenset(string.ascii_lowercase)
@@ -62,6 +72,21 @@ def solve(prompt: str) -> Example:
     raise ValueError(f"not a valid task prompt: {prompt!r}")
 
 
+def solve_ood(prompt: str) -> Example:
+    """`solve` for the out-of-distribution split's prompts (longer inputs); ValueError for anything else,
+    in-distribution prompts included."""
+    task, _, rest = prompt.partition(" ")
+    args = rest.split(" ")
+    if task == "add" and len(args) == 2 and all(a.isascii() and a.isdigit() and len(a) == 4 and a[0] != "0"
+                                                  for a in args):
+        return Example(task, prompt, str(int(args[0]) + int(args[1])))
+    if task == "reverse" and 13 <= len(rest) <= 16 and set(rest) <= _LETTERS:
+        return Example(task, prompt, rest[::-1])
+    if task == "sort" and 11 <= len(args) <= 14 and all(len(a) == 1 and a in string.digits for a in args):
+        return Example(task, prompt, " ".join(sorted(args)))
+    raise ValueError(f"not a valid out-of-distribution task prompt: {prompt!r}")
+
+
 def _sample_prompt(task: str, rng: random.Random) -> str:
     if task == "add":
         return f"add {rng.randint(0, 999)} {rng.randint(0, 999)}"
@@ -70,11 +95,20 @@ def _sample_prompt(task: str, rng: random.Random) -> str:
     return "sort " + " ".join(rng.choices(string.digits, k=rng.randint(3, 10)))
 
 
+def _sample_ood_prompt(task: str, rng: random.Random) -> str:
+    if task == "add":
+        return f"add {rng.randint(1000, 9999)} {rng.randint(1000, 9999)}"
+    if task == "reverse":
+        return "reverse " + "".join(rng.choices(string.ascii_lowercase, k=rng.randint(13, 16)))
+    return "sort " + " ".join(rng.choices(string.digits, k=rng.randint(11, 14)))
+
+
 def generate_examples(task: str, n: int, split: str = "train", seed: int = 0) -> list[Example]:
     """`n` distinct examples of `task` from `split`, the same list for the same arguments.
 
     Prompts are drawn from the task's distribution and rejected when they belong to the other split or were
-    already drawn, so the held-out split (~10% of the prompt space) costs ~10 draws per example.
+    already drawn, so the held-out split (~10% of the prompt space) costs ~10 draws per example. The `ood`
+    split draws from its own, longer distribution and only rejects repeats.
     """
     _check_task(task)
     if split not in SPLITS:
@@ -91,6 +125,12 @@ def generate_examples(task: str, n: int, split: str = "train", seed: int = 0) ->
         budget -= 1
         if budget < 0:
             raise ValueError(f"could not draw {n} distinct {split} prompts for {task!r}")
+        if split == "ood":
+            prompt = _sample_ood_prompt(task, rng)
+            if prompt not in seen:
+                seen.add(prompt)
+                out.append(solve_ood(prompt))
+            continue
         prompt = _sample_prompt(task, rng)
         if prompt in seen or is_heldout(prompt) != want_heldout:
             continue
