@@ -24,6 +24,7 @@ Whole recipe: ~55 min plus a minute of task evaluation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from mimo.train.config import TrainConfig
@@ -33,6 +34,26 @@ STAGE_ORDER = ("pretrain", "mtp", "sft")
 
 class RecipeError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class SFTData:
+    """How a recipe's SFT stage draws its task conversations, beyond what TrainConfig holds (read by
+    `mimo.train.data` through the config's `recipe` name, so a run's train_config.json still names it).
+
+    - task_weights: (task, share) pairs, the shares of the training conversations; None = equal shares.
+    - spell_answers: assistant answers tokenized one character per token rather than by BPE (prompts and
+      the chat markup are unchanged), so writing a reversed string needs no knowledge of how BPE merges it.
+    - group_by_length: batches of similar-length conversations (`SFTLoader(group_by_length=True)`).
+    """
+
+    task_weights: tuple[tuple[str, float], ...] | None = None
+    spell_answers: bool = False
+    group_by_length: bool = False
+
+
+def sft_data(recipe: str) -> SFTData:
+    return SFT_DATA.get(recipe, SFTData())
 
 
 def debug(out: str = "runs/debug") -> dict[str, TrainConfig]:
@@ -63,7 +84,24 @@ def tiny(out: str = "runs/tiny") -> dict[str, TrainConfig]:
     return {"pretrain": pre, "mtp": mtp, "sft": sft}
 
 
-RECIPES = {"debug": debug, "tiny": tiny}
+def sft_start(out: str = "runs/sft-start") -> dict[str, TrainConfig]:
+    """The `tiny` pretrain and mtp stages as they are (same tokenizer as `models/mimo-tiny`), then an SFT stage
+    that learns the three tasks well enough for RL to get reward (`models/sft-start`, measured in
+    docs/results/sft-start.md): 8x the conversations per step in length-grouped batches, add and reverse
+    at 40% each, answers spelled one token per character, and a 256-token code micro-batch at 20% of the
+    objective to keep the pretrained code model."""
+    stages = tiny(out)
+    pre = stages["pretrain"].replace(recipe="sft-start", tokenizer="models/mimo-tiny")
+    mtp = stages["mtp"].replace(recipe="sft-start")
+    sft = stages["sft"].replace(recipe="sft-start", steps=650, batch_size=256, seq_len=256, warmup_steps=20,
+                                code_fraction=0.2, sft_code_rows=8, eval_every=50, ckpt_every=25,
+                                keep_checkpoints=4)
+    return {"pretrain": pre, "mtp": mtp, "sft": sft}
+
+
+RECIPES = {"debug": debug, "tiny": tiny, "sft-start": sft_start}
+SFT_DATA = {"sft-start": SFTData(task_weights=(("add", 0.4), ("reverse", 0.4), ("sort", 0.2)), spell_answers=True,
+                                  group_by_length=True)}
 
 
 def get_recipe(name: str, out: str | Path | None = None) -> dict[str, TrainConfig]:

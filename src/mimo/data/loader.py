@@ -13,7 +13,7 @@ Shared conventions:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any
 
@@ -189,7 +189,14 @@ class SFTLoader:
     `max_len + 1` tokens are cut to that length.
 
     Conversations are rendered with thinking off unless `enable_thinking` (which only changes a trailing
-    generation prompt; conversations ending with an assistant turn get none).
+    generation prompt; conversations ending with an assistant turn get none). `encode(conversation) -> (ids,
+    mask)` replaces that rendering (e.g. to tokenize answers differently); it must follow the same mask
+    convention.
+
+    `group_by_length`: each epoch's shuffled order is cut into windows of 64 batches; a window is sorted by
+    length and its batches are put in a shuffled order, so a batch holds conversations of similar length
+    (less padding: mixed task lengths otherwise pad most rows to twice their size) while the sequence of
+    batches stays random.
 
     NOTE: ranks hold different numbers of supervised tokens; for a loss averaged over all supervised tokens of
     the global batch, sum per-rank losses and all-reduce the token count (`loss_mask.sum()`) before dividing.
@@ -207,6 +214,8 @@ class SFTLoader:
         world_size: int = 1,
         max_len: int | None = None,
         enable_thinking: bool = False,
+        encode: Callable[[Sequence[Message]], tuple[list[int], list[bool]]] | None = None,
+        group_by_length: bool = False,
     ):
         if not conversations:
             raise ValueError("no conversations")
@@ -214,11 +223,15 @@ class SFTLoader:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         self.local_batch_size = _check_shard(batch_size, rank, world_size)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.group_by_length = group_by_length
         self.rank, self.world_size, self.pad_id = rank, world_size, tokenizer.pad_id
         self.ids: list[np.ndarray] = []
         self.masks: list[np.ndarray] = []
         for conv in conversations:
-            ids, mask = tokenizer.encode_chat_with_mask(conv, enable_thinking=enable_thinking)
+            if encode is None:
+                ids, mask = tokenizer.encode_chat_with_mask(conv, enable_thinking=enable_thinking)
+            else:
+                ids, mask = encode(conv)
             if len(ids) < 2:
                 raise ValueError(f"conversation too short to train on: {conv!r}")
             cut = len(ids) if max_len is None else max_len + 1
@@ -238,8 +251,22 @@ class SFTLoader:
 
     def _perm(self, epoch: int) -> np.ndarray:
         if self._perm_cache is None or self._perm_cache[0] != epoch:
-            self._perm_cache = (epoch, _permutation(self.n_conversations, self.seed, epoch, self.shuffle))
+            perm = _permutation(self.n_conversations, self.seed, epoch, self.shuffle)
+            if self.group_by_length:
+                perm = self._group_by_length(perm, epoch)
+            self._perm_cache = (epoch, perm)
         return self._perm_cache[1]
+
+    def _group_by_length(self, perm: np.ndarray, epoch: int) -> np.ndarray:
+        lengths = np.fromiter((len(self.ids[i]) for i in perm), dtype=np.int64, count=len(perm))
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        window = 64 * self.batch_size
+        out = []
+        for start in range(0, len(perm), window):
+            chunk = perm[start : start + window][np.argsort(lengths[start : start + window], kind="stable")]
+            batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            out.extend(batches[j] for j in rng.permutation(len(batches)))
+        return np.concatenate(out)
 
     def _next_indices(self) -> list[int]:
         """The global batch's conversation indices; advances the position."""
@@ -286,10 +313,12 @@ class SFTLoader:
             "shuffle": self.shuffle,
             "batch_size": self.batch_size,
             "n_conversations": self.n_conversations,
+            "group_by_length": self.group_by_length,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for key in ("seed", "shuffle", "batch_size", "n_conversations"):
+        state = {"group_by_length": False, **state}  # states written before the option existed
+        for key in ("seed", "shuffle", "batch_size", "n_conversations", "group_by_length"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"loader state has {key}={state[key]!r}, this loader has {getattr(self, key)!r}"

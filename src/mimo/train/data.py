@@ -13,7 +13,9 @@ rows (the loaders' convention), so W ranks see exactly the single-process batch.
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from mimo.data import IGNORE_INDEX, CorpusInfo, PackedStream, SFTLoader, Tokeniz
 from .config import TrainConfig
 
 # SFT draws this many distinct train conversations per task (the prompt spaces are large; repeats are fine)
-SFT_EXAMPLES_PER_TASK = 20_000
+SFT_EXAMPLES_PER_TASK = 70_000
 VAL_EXAMPLES_PER_TASK = 64
 
 
@@ -79,6 +81,51 @@ def train_tokenizer(corpus, cfg: TrainConfig, vocab_size: int) -> Tokenizer:
     return Tokenizer.train(texts, vocab_size=vocab_size)
 
 
+def sft_train_examples(cfg: TrainConfig, task_weights: Sequence[tuple[str, float]] | None = None
+                       ) -> list[task_lib.Example]:
+    """The SFT stage's training examples: one epoch's worth of distinct examples (capped per task at
+    SFT_EXAMPLES_PER_TASK; repeats only beyond that), equal per task or in `task_weights` shares."""
+    total = cfg.steps * cfg.batch_size * cfg.grad_accum
+    if task_weights is None:
+        n_per_task = min(SFT_EXAMPLES_PER_TASK, -(-total // len(cfg.tasks)))
+        return task_lib.mixed_examples(n_per_task, "train", cfg.seed, cfg.tasks)
+    weights = dict(task_weights)
+    if set(weights) != set(cfg.tasks) or any(w <= 0 for w in weights.values()):
+        raise DataError(f"task_weights {task_weights} must give every task of {cfg.tasks} a positive share")
+    norm = sum(weights.values())
+    # the loader shuffles, so the per-task lists need no interleaving
+    return [ex for t in cfg.tasks for ex in task_lib.generate_examples(
+        t, min(SFT_EXAMPLES_PER_TASK, math.ceil(total * weights[t] / norm)), "train", cfg.seed)]
+
+
+def spelled_answer_encoder(tokenizer: Tokenizer):
+    """`SFTLoader`'s encode: the usual chat rendering and mask, with the assistant answer re-tokenized one
+    character per token. The prompt part is untouched, so it is exactly what inference feeds the model."""
+    def encode(conv):
+        ids, mask = tokenizer.encode_chat_with_mask(conv)
+        first = mask.index(True)
+        # the supervised span is the answer followed by <|im_end|> (the loader's mask convention)
+        end = first + mask[first:].index(False) - 1 if False in mask[first:] else len(mask) - 1
+        answer = tokenizer.decode(ids[first:end])
+        spelled = [i for ch in answer for i in tokenizer.encode(ch)]
+        return ids[:first] + spelled + ids[end:], mask[:first] + [True] * len(spelled) + mask[end:]
+
+    return encode
+
+
+def packed_val_batches(cfg: TrainConfig, tokenizer: Tokenizer, corpus) -> list[Batch]:
+    """The pretrain/mtp validation batches of `cfg`: the corpus' validation files mixed with held-out task
+    examples (`task_fraction` of the characters), the first `eval_batches` packed batches, unshuffled. Every
+    rank evaluates the same full batches, so the numbers match one process."""
+    val_docs = mixed_documents(corpus.texts("val"), mix=cfg.task_fraction, task_split="heldout", seed=cfg.seed,
+                               tasks=cfg.tasks)
+    # a fixed sample of the whole mixture (mixed_documents lists code first, tasks last)
+    random.Random(cfg.seed).shuffle(val_docs)
+    val = PackedStream(val_docs, tokenizer, cfg.batch_size, cfg.seq_len, shuffle=False,
+                       max_tokens=cfg.eval_batches * cfg.batch_size * cfg.seq_len + 1)
+    return [Batch.from_packed(next(val)) for _ in range(cfg.eval_batches)]
+
+
 class StageData:
     """Training stream + fixed validation batches of one stage, with a resumable position."""
 
@@ -92,29 +139,25 @@ class StageData:
         self.code: PackedStream | None = None
         self.sft: SFTLoader | None = None
         if cfg.stage == "sft":
-            # one epoch's worth of distinct conversations (capped): repeats only beyond that
-            n_per_task = min(SFT_EXAMPLES_PER_TASK, -(-cfg.steps * cfg.batch_size * cfg.grad_accum // len(tasks)))
-            convs = [task_lib.to_messages(ex) for ex in task_lib.mixed_examples(n_per_task, "train", cfg.seed,
-                                                                                  tasks)]
-            self.sft = SFTLoader(convs, tokenizer, cfg.batch_size, seed=cfg.seed, max_len=cfg.seq_len, **kw)
+            from mimo.recipes import sft_data
+
+            opts = sft_data(cfg.recipe)
+            convs = [task_lib.to_messages(ex) for ex in sft_train_examples(cfg, opts.task_weights)]
+            encode = spelled_answer_encoder(tokenizer) if opts.spell_answers else None
+            self.sft = SFTLoader(convs, tokenizer, cfg.batch_size, seed=cfg.seed, max_len=cfg.seq_len,
+                                 encode=encode, group_by_length=opts.group_by_length, **kw)
             if cfg.code_fraction > 0:
                 self.code = PackedStream(corpus.texts("train"), tokenizer, cfg.sft_code_rows, cfg.seq_len,
                                          seed=cfg.seed, **kw)
             val_convs = [task_lib.to_messages(ex) for ex in task_lib.mixed_examples(
                 VAL_EXAMPLES_PER_TASK, "heldout", cfg.seed, tasks)]
-            val = SFTLoader(val_convs, tokenizer, cfg.batch_size, shuffle=False, max_len=cfg.seq_len)
+            val = SFTLoader(val_convs, tokenizer, cfg.batch_size, shuffle=False, max_len=cfg.seq_len,
+                            encode=encode)
             self.val = [Batch.from_sft(next(val)) for _ in range(min(cfg.eval_batches, val.batches_per_epoch))]
         else:
             docs = mixed_documents(corpus.texts("train"), mix=cfg.task_fraction, seed=cfg.seed, tasks=tasks)
             self.code = PackedStream(docs, tokenizer, cfg.batch_size, cfg.seq_len, seed=cfg.seed, **kw)
-            val_docs = mixed_documents(corpus.texts("val"), mix=cfg.task_fraction, task_split="heldout",
-                                       seed=cfg.seed, tasks=tasks)
-            # a fixed sample of the whole mixture (mixed_documents lists code first, tasks last)
-            random.Random(cfg.seed).shuffle(val_docs)
-            # validation: every rank evaluates the same full batches, so the numbers match one process
-            val = PackedStream(val_docs, tokenizer, cfg.batch_size, cfg.seq_len, shuffle=False,
-                               max_tokens=cfg.eval_batches * cfg.batch_size * cfg.seq_len + 1)
-            self.val = [Batch.from_packed(next(val)) for _ in range(cfg.eval_batches)]
+            self.val = packed_val_batches(cfg, tokenizer, corpus)
 
     def next_micro_batches(self) -> tuple[list[Batch], Batch | None]:
         """The grad_accum micro-batches of the next optimizer step (this rank's rows), plus the SFT code

@@ -1,0 +1,98 @@
+"""The sft-start recipe's SFT data: task shares, answers spelled one character per token, length-grouped
+batches (every conversation once per epoch, less padding, resumable)."""
+
+from itertools import islice
+
+import numpy as np
+import pytest
+
+from mimo import tasks as task_lib
+from mimo.data import SFTLoader, Tokenizer
+from mimo.engine.llm import DEFAULT_MODEL
+from mimo.recipes import SFTData, get_stage, sft_data
+from mimo.train.data import DataError, sft_train_examples, spelled_answer_encoder
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_pretrained(DEFAULT_MODEL)
+
+
+def test_spelled_answers_keep_the_inference_prompt(tok):
+    encode = spelled_answer_encoder(tok)
+    for t in task_lib.TASKS:
+        for ex in task_lib.generate_examples(t, 50, seed=0):
+            ids, mask = encode(task_lib.to_messages(ex))
+            ref_ids, ref_mask = tok.encode_chat_with_mask(task_lib.to_messages(ex))
+            prompt = tok.encode_chat(task_lib.to_messages(ex, with_answer=False), add_generation_prompt=True)
+            n = len(ex.answer)
+            assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])
+            answer = ids[len(prompt):len(prompt) + n]
+            assert [tok.decode([i]) for i in answer] == list(ex.answer)
+            assert mask[len(prompt):] == [True] * (n + 1) + [False]
+            # the closing <|im_end|> and newline are the usual ones
+            assert ids[len(prompt) + n:] == ref_ids[-2:] and ref_mask[-2:] == [True, False]
+
+
+def test_reverse_answers_differ_from_bpe(tok):
+    """The point of spelling: BPE writes most reversed strings with multi-letter tokens."""
+    encode = spelled_answer_encoder(tok)
+    examples = task_lib.generate_examples("reverse", 50, seed=0)
+    longer = sum(len(encode(task_lib.to_messages(ex))[0]) > len(tok.encode_chat_with_mask(
+        task_lib.to_messages(ex))[0]) for ex in examples)
+    assert longer > 40
+
+
+def test_task_weights_set_the_shares():
+    cfg = get_stage("sft-start", "sft").replace(steps=10, warmup_steps=1, batch_size=100)
+    examples = sft_train_examples(cfg, (("add", 2.0), ("reverse", 2.0), ("sort", 1.0)))
+    counts = {t: sum(ex.task == t for ex in examples) for t in task_lib.TASKS}
+    assert counts == {"add": 400, "reverse": 400, "sort": 200}
+    assert all(not task_lib.is_heldout(ex.prompt) for ex in examples)
+    assert len({ex.prompt for ex in examples}) == len(examples)
+    # no weights: the equal interleaved mix every other recipe trains on
+    assert sft_train_examples(cfg) == task_lib.mixed_examples(334, "train", cfg.seed, cfg.tasks)
+    for bad in ((("add", 1.0), ("sort", 1.0)), (("add", 1.0), ("reverse", 0.0), ("sort", 1.0))):
+        with pytest.raises(DataError):
+            sft_train_examples(cfg, bad)
+
+
+def test_only_sft_start_changes_its_sft_data():
+    assert sft_data("tiny") == sft_data("debug") == SFTData()
+    opts = sft_data("sft-start")
+    assert opts.spell_answers and opts.group_by_length and opts.task_weights is not None
+
+
+def _convs(n=300):
+    return [task_lib.to_messages(ex) for ex in task_lib.mixed_examples(n, "train", 0)]
+
+
+def test_group_by_length_covers_each_epoch_once_with_less_padding(tok):
+    convs = _convs()
+    grouped = SFTLoader(convs, tok, 16, seed=1, group_by_length=True)
+    plain = SFTLoader(convs, tok, 16, seed=1)
+    assert sorted(grouped._perm(0).tolist()) == list(range(len(convs)))
+    assert grouped._perm(0).tolist() != grouped._perm(1).tolist()
+    n = len(convs) // 16
+    pad_grouped = sum(int((b["input_ids"] == tok.pad_id).sum()) for b in islice(grouped, n))
+    pad_plain = sum(int((b["input_ids"] == tok.pad_id).sum()) for b in islice(plain, n))
+    assert pad_grouped < pad_plain / 2
+    # batches are not sorted by length across the epoch (the batch order is shuffled)
+    lengths = [len(grouped.ids[i]) for i in grouped._perm(0)[::16]]
+    assert lengths != sorted(lengths)
+
+
+def test_group_by_length_resumes_exactly(tok):
+    convs = _convs(100)
+    ref = list(islice(SFTLoader(convs, tok, 16, seed=2, group_by_length=True), 30))  # crosses epochs
+    first = SFTLoader(convs, tok, 16, seed=2, group_by_length=True)
+    list(islice(first, 13))
+    resumed = SFTLoader(convs, tok, 16, seed=2, group_by_length=True)
+    resumed.load_state_dict(first.state_dict())
+    for a, b in zip(ref[13:], islice(resumed, 17)):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError):
+        SFTLoader(convs, tok, 16, seed=2).load_state_dict(first.state_dict())
+    # a state from before the option existed resumes an ungrouped loader
+    old = {k: v for k, v in SFTLoader(convs, tok, 16, seed=2).state_dict().items() if k != "group_by_length"}
+    SFTLoader(convs, tok, 16, seed=2).load_state_dict(old)
