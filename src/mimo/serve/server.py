@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import signal
 import socket
 import threading
 import time
@@ -81,7 +81,15 @@ def build(config: ServeConfig):
 def _uvicorn(config: ServeConfig, app):
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # A signal asks for the graceful shutdown and nothing more, so `mimo serve` exits 0; uvicorn's own
+            # handler records it and re-raises it after shutting down, which ends the process with -signal.
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C stops waiting for open requests
+            self.should_exit = True
+
+    return Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                          timeout_graceful_shutdown=config.graceful_timeout, access_log=False))
 
 
@@ -142,6 +150,3 @@ def start_background(config: ServeConfig) -> BackgroundServer:
     """Serve in a thread of this process (tests, `mimo chat` without --url, benchmarks)."""
     return BackgroundServer(config)
 
-
-def default_api_key() -> str | None:
-    return os.environ.get("MIMO_API_KEY") or None
