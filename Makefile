@@ -4,18 +4,28 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install test test-slow lint run train-tiny bench clean
+.PHONY: install browser test test-slow lint run train-tiny bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# runtime dependencies only (what `make run` needs); the test tools come on top with `make install` / `make test`
+$(VENV)/.runtime: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e . $(TORCH_PIN)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PIN)
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install
+# the web page's test drives the system Chromium; as root, install it when it is missing
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -q && apt-get install -y -q chromium chromium-driver || true; }
+
+test: install browser
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
@@ -25,10 +35,12 @@ test-slow: install
 lint: install
 	$(PY) -m ruff check src tests benchmarks
 
-run: install
-	$(VENV)/bin/mimo generate --prompt "def fibonacci(n):" --max-tokens 48
-	$(VENV)/bin/mimo generate --chat --prompt "add 382 47" --prompt "reverse hello" --prompt "sort 5 3 9 1" \
-		--max-tokens 16
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+# serves the bundled default model: the chat page at http://$(HOST):$(PORT)/, the OpenAI and Anthropic APIs
+run: $(VENV)/.runtime
+	$(VENV)/bin/mimo serve --host $(HOST) --port $(PORT)
 
 bench: install
 	$(PY) benchmarks/bench_model.py

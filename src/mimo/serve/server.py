@@ -103,6 +103,10 @@ def run(config: ServeConfig) -> int:
     body = json.dumps({"model": state.model_name, "messages": [{"role": "user", "content": "add 2 3"}]})
     print(f"mimo: serving {state.model_name} at {url}  (chat page: {url}/ ; Ctrl-C stops)\n"
           f"try:  curl {url}/v1/chat/completions{key} -H 'Content-Type: application/json' -d '{body}'", flush=True)
+    if config.model is None:
+        print("note: the bundled mimo-tiny is a ~10M-parameter demo model trained on this project's CPU: it "
+              "continues Python-like text and attempts add / reverse / sort, often wrongly (see its model card)",
+              flush=True)
     server.run(sockets=[sock])
     print("mimo: stopped", flush=True)
     return 0
