@@ -37,19 +37,27 @@ def test_rope_tables_from_inference_mode_train_later():
     assert model.model.embed_tokens.weight.grad is not None
 
 
-def test_fused_qkv_weight_follows_in_place_updates_and_replacement():
+def test_fused_qkv_weight_follows_marked_in_place_updates_and_replacement():
+    """The engine's cached fused weights follow every way of changing a weight once the model is told
+    (mark_weights_changed); a replaced Parameter object is noticed on its own."""
     model = make_model()
     attn = model.model.layers[0].self_attn
     ids = torch.randint(0, model.config.vocab_size, (1, 5))
     with torch.inference_mode():
         before = model(ids)
-    with torch.no_grad():
-        attn.k_proj.weight.mul_(1.5)  # in place (an optimizer step)
-    with torch.inference_mode():
-        after = model(ids)
-    with torch.no_grad():
-        expected = model(ids)  # no cache outside inference_mode
-    assert not torch.equal(before, after) and torch.equal(after, expected)
+    changes = [lambda: attn.k_proj.weight.mul_(1.5),  # in place (an optimizer step)
+               lambda: attn.k_proj.weight.data.copy_(attn.k_proj.weight * 0.7),  # no version bump
+               lambda: setattr(attn.v_proj.weight, "data", attn.v_proj.weight.detach() * 1.3)]  # new storage
+    for change in changes:
+        with torch.no_grad():
+            change()
+        model.mark_weights_changed()
+        with torch.inference_mode():
+            after = model(ids)
+        with torch.no_grad():
+            expected = model(ids)  # no cache outside inference_mode
+        assert not torch.equal(before, after) and torch.equal(after, expected)
+        before = after
     attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight.detach() * 0.5)  # replaced
     with torch.inference_mode():
         after2 = model(ids)

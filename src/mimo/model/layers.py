@@ -18,27 +18,31 @@ class DerivedWeights:
     """A tensor (or tuple of tensors) computed from parameters, e.g. several projection weights concatenated
     so the projections run as one GEMM; the parameters themselves stay as they are (the checkpoint's names).
 
-    Under inference_mode (the engine) the result is kept and rebuilt only when a parameter is replaced or
-    changed in place: decode steps are dispatch-bound, and one linear instead of three is ~7% of a decode
-    forward. Otherwise it is computed per call (with autograd it is part of the graph; FSDP may refill a
-    parameter's storage without a version bump, so nothing is kept)."""
+    Under inference_mode (the engine) the result is kept until the parameters are replaced by other tensor
+    objects or `invalidate()` is called: decode steps are dispatch-bound, and one linear instead of three is
+    ~7% of a decode forward. Whoever changes weights in place says so through the model's explicit weights
+    version (`Transformer.mark_weights_changed`, which the engine's `update_weights` calls), not through
+    tensor version counters: `p.data.copy_()`, `p.data = t` and FSDP2's `_unsafe_preserve_version_counter`
+    copies all leave a parameter's `_version` unchanged. Outside inference_mode it is computed per call
+    (with autograd it is part of the graph)."""
 
     def __init__(self, fn) -> None:
         self.fn = fn
         self._ws: tuple[torch.Tensor, ...] = ()
-        self._versions: list[int] = []
         self._value = None
 
+    def invalidate(self) -> None:
+        self._ws, self._value = (), None
+
     def __call__(self, *ws: torch.Tensor):
-        # parameters made under inference_mode have no version counter: their in-place changes cannot be seen
+        # parameters made under inference_mode are kept as they are (nothing may hold views of them outside)
         if not torch.is_inference_mode_enabled() or any(w.is_inference() for w in ws):
             return self.fn(ws)
-        versions = [w._version for w in ws]
-        # the same tensor objects (held here, so none can be freed and its address reused) at the same versions
-        if len(ws) != len(self._ws) or versions != self._versions or any(a is not b for a, b in zip(ws, self._ws)):
+        # the same tensor objects (held here, so none can be freed and its address reused)
+        if self._value is None or len(ws) != len(self._ws) or any(a is not b for a, b in zip(ws, self._ws)):
             with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, reusable outside
                 self._value = self.fn(ws)
-            self._ws, self._versions = ws, versions
+            self._ws = ws
         return self._value
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .attention import Attention
 from .config import DENSE, SLIDING, ModelConfig
-from .layers import MLP, RMSNorm, rope_cos_sin
+from .layers import MLP, DerivedWeights, RMSNorm, rope_cos_sin
 from .moe import MoE, Routing
 
 
@@ -85,6 +85,18 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.weights_version = 0
+
+    def mark_weights_changed(self) -> int:
+        """Declare that parameters changed in place (load_state_dict, `p.data.copy_`, `p.data = t`, an
+        optimizer step): bumps `weights_version` and drops every cached derived weight (layers.DerivedWeights).
+        Returns the new version."""
+        for m in self.modules():
+            for v in vars(m).values():
+                if isinstance(v, DerivedWeights):
+                    v.invalidate()
+        self.weights_version += 1
+        return self.weights_version
 
     @property
     def n_mtp(self) -> int:
@@ -116,29 +128,38 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(hidden))
 
     def mtp_hidden(self, k: int, hidden: torch.Tensor, token_ids: torch.Tensor,
-                   positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                   positions: torch.Tensor | None = None, cache=None, detach: bool = False) -> torch.Tensor:
         """MTP block k's final-normed output [B, T, D]: row t from (hidden[:, t], token_ids[:, t] = x_{t+k+1});
-        `positions` are those of the hidden states. lm_head of it predicts x_{t+k+2}."""
+        `positions` are those of the hidden states. lm_head of it predicts x_{t+k+2}. `detach`: the hidden
+        states and the shared embedding enter as constants (see forward's `mtp_detached`)."""
         positions = self._positions(token_ids, positions)
         emb = self.model.embed_tokens(token_ids)
+        if detach:
+            emb, hidden = emb.detach(), hidden.detach()
         rope = self._rope(positions, SLIDING, hidden.dtype)
         return self.model.mtp.layers[k](emb, hidden, rope, positions, cache)
 
     def mtp_forward(self, k: int, hidden: torch.Tensor, token_ids: torch.Tensor,
-                    positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """Logits of MTP block k [B, T, V] (see mtp_hidden)."""
-        return self.lm_head(self.mtp_hidden(k, hidden, token_ids, positions, cache))
+                    positions: torch.Tensor | None = None, cache=None, detach: bool = False) -> torch.Tensor:
+        """Logits of MTP block k [B, T, V] (see mtp_hidden); `detach` also keeps the shared lm_head constant."""
+        u = self.mtp_hidden(k, hidden, token_ids, positions, cache, detach)
+        return torch.nn.functional.linear(u, self.lm_head.weight.detach()) if detach else self.lm_head(u)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, *,
-                return_mtp: bool = False, routing: Routing | None = None):
-        """Logits [B, T, V]; with return_mtp, also mtp_logits[k] [B, T-k-1, V] (teacher forcing)."""
+                return_mtp: bool = False, routing: Routing | None = None, mtp_detached: bool = False):
+        """Logits [B, T, V]; with return_mtp, also mtp_logits[k] [B, T-k-1, V] (teacher forcing).
+
+        `mtp_detached`: the MTP heads read the trunk's hidden states, the embedding and lm_head as constants,
+        so an MTP loss trains only the MTP blocks (RL trains the heads on rollouts this way, as verl's
+        `detach_encoder`: the policy is then moved by the RL objective alone)."""
         h = self.forward_hidden(input_ids, positions, cache, routing)
         logits = self.logits(h)
         if not return_mtp:
             return logits
         positions = self._positions(input_ids, positions)
         T = input_ids.shape[1]
-        mtp_logits = [self.mtp_forward(k, h[:, : T - k - 1], input_ids[:, k + 1:], positions[:, : T - k - 1])
+        mtp_logits = [self.mtp_forward(k, h[:, : T - k - 1], input_ids[:, k + 1:], positions[:, : T - k - 1],
+                                       detach=mtp_detached)
                       for k in range(self.n_mtp) if T - k - 1 > 0]
         return logits, mtp_logits
 
