@@ -138,7 +138,14 @@ def test_params_of_the_released_model(capsys):
     assert round(counts["total_no_mtp"] / 1e9) == 309 and round(counts["active_no_mtp_no_embedding"] / 1e9) == 15
 
 
-def test_generate_with_the_default_model(capsys):
-    assert main(["generate", "--chat", "--prompt", "sort 5 3 9 1", "--max-tokens", "8"]) == 0
-    line = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert line["prompt"] == "sort 5 3 9 1" and 1 <= line["tokens"] <= 8
+def test_generate_streams_the_engine_text_with_the_default_model(capsys):
+    from mimo.engine import LLM, SamplingParams
+
+    assert main(["generate", "--chat", "--prompt", "sort 5 3 9 1", "--prompt", "def add(a, b):",
+                 "--max-tokens", "8"]) == 0
+    cap = capsys.readouterr()
+    llm = LLM()
+    chats = [llm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in ("sort 5 3 9 1", "def add(a, b):")]
+    ref = llm.generate(chats, SamplingParams(max_tokens=8, temperature=0))
+    assert cap.out == f">>> sort 5 3 9 1\n{ref[0].text}\n>>> def add(a, b):\n{ref[1].text}\n"
+    assert len(cap.err.strip().splitlines()) == 2 and "tokens/s" in cap.err

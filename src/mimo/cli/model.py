@@ -64,13 +64,52 @@ def generate(args: argparse.Namespace) -> int:
                             seed=args.seed)
         llm = LLM(model_dir, num_speculative_tokens=args.drafts, max_num_seqs=len(prompts),
                   max_model_len=longest + args.max_tokens, tokenizer=tok)
-    outs = llm.generate(prompts, sp)
-    for q, o in zip(args.prompt, outs):
-        print(json.dumps({"prompt": q, "text": o.text, "finish_reason": o.finish_reason,
-                          "tokens": len(o.token_ids), "acceptance_length": o.metrics.acceptance_length}))
-    st = llm.stats()
-    print(json.dumps({"mean_acceptance_length": round(st["mean_acceptance_length"], 3),
-                      "drafted": st["drafted_tokens"], "accepted": st["accepted_tokens"]}), file=sys.stderr)
+    return _stream_generate(llm, tok, args.prompt, prompts, sp)
+
+
+def _stream_generate(llm, tok, texts: list[str], prompts: list[list[int]], sp) -> int:
+    """Every prompt runs in one batch; the text is written as it comes, one prompt after the other (a later
+    prompt's text, buffered meanwhile, catches up when its turn comes). A header line names each prompt when
+    there are several; per-prompt figures go to stderr."""
+    import time
+
+    from mimo.data.detok import TextStream
+
+    for i, p in enumerate(prompts):
+        llm.add_request(str(i), p, sp)
+    streams = [TextStream(tok) for _ in prompts]
+    pending, done, figures = [""] * len(prompts), [None] * len(prompts), [None] * len(prompts)
+    t0, cur, out = time.perf_counter(), 0, sys.stdout
+
+    def show(i: int) -> None:
+        if pending[i]:
+            out.write(pending[i])
+            out.flush()
+            pending[i] = ""
+
+    if len(prompts) > 1:
+        out.write(f">>> {texts[0]}\n")
+    while cur < len(prompts):
+        for d in llm.step():
+            i = int(d.request_id)
+            pending[i] += streams[i].push(d.new_token_ids)
+            if d.finished:
+                pending[i] += streams[i].finish()
+                done[i] = d
+                figures[i] = time.perf_counter() - t0
+        show(cur)
+        while cur < len(prompts) and done[cur] is not None:
+            d = done[cur]
+            out.write("\n")
+            al = d.metrics.acceptance_length
+            print(f"[{d.num_output_tokens} tokens, {d.finish_reason}, {d.num_output_tokens / figures[cur]:.0f} "
+                  f"tokens/s, acceptance length {al:.2f}]" if al else
+                  f"[{d.num_output_tokens} tokens, {d.finish_reason}, {d.num_output_tokens / figures[cur]:.0f} "
+                  "tokens/s]", file=sys.stderr, flush=True)
+            cur += 1
+            if cur < len(prompts):
+                out.write(f">>> {texts[cur]}\n")
+                show(cur)
     return 0
 
 
