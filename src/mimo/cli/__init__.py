@@ -95,7 +95,7 @@ def positive_int_list(text: str) -> list[int]:
 def text_model_dir(model: str | None, command: str) -> str:
     """The model directory a text-in, text-out command can use: it must exist and hold a tokenizer."""
     if model is None:
-        from mimo.engine.llm import DEFAULT_MODEL
+        from mimo.engine.config import DEFAULT_MODEL
 
         model = str(DEFAULT_MODEL)
         if not Path(model, "config.json").is_file():

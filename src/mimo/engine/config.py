@@ -8,6 +8,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+# The bundled default model lives inside the package, so a plain (non-editable) `pip install .` ships it;
+# the repository's `models/mimo-tiny` is a link to it. Defined here, torch-free, so the CLI can name it cheaply.
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "mimo-tiny"
 
 # bytes per stored KV element; kept here (not torch dtypes) so the planner and the config stay torch-free
 DTYPE_BYTES: dict[str, int] = {
@@ -57,6 +62,8 @@ class SamplingParams:
       once per occurrence (OpenAI semantics).
     - logprobs_mode: "raw" = log-softmax of the model's logits; "processed" = log of the distribution actually
       sampled from (after penalties, temperature, top-k, top-p): the one an importance ratio needs.
+    - routed_experts: return the MoE experts chosen at every position the model ran over (prompt and output,
+      accepted tokens only) with the finished output, for Rollout Routing Replay; off = serving pays nothing.
     """
 
     max_tokens: int | None = 16
@@ -75,6 +82,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs_mode: str = "raw"
+    routed_experts: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens <= 0):
@@ -122,6 +130,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
         if self.logprobs_mode not in ("raw", "processed"):
             raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {self.logprobs_mode!r}")
+        if not isinstance(self.routed_experts, bool):
+            raise ValueError(f"routed_experts must be a bool, got {self.routed_experts!r}")
 
     @property
     def is_greedy(self) -> bool:

@@ -55,7 +55,7 @@ def build(config: ServeConfig):
     import torch
 
     from mimo.engine import LLM
-    from mimo.engine.llm import DEFAULT_MODEL
+    from mimo.engine.config import DEFAULT_MODEL
     from mimo.serve.app import ServerState, build_app
     from mimo.serve.async_engine import AsyncEngine
     from mimo.serve.metrics import Metrics
