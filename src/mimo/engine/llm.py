@@ -6,7 +6,8 @@
 Lower level, for a server: `add_request(request_id, prompt, params)`, `step() -> [RequestDelta]` (the new
 tokens of every request that made progress this step, and a final token-less delta for each sample an abort
 ended), `abort(request_id)`, `has_unfinished_requests()`,
-`stats()`. `add_request` and `abort` are thread-safe: they validate, then post a command to an inbox that
+`stats()`, `update_weights(...)` (in-process weight sync between steps: RL). `add_request` and `abort` are
+thread-safe: they validate, then post a command to an inbox that
 `step()` drains before scheduling, so one engine thread can serve many clients and an abort never frees
 blocks under a running step. Text (incremental detokenisation, stop strings) is not the step's business:
 `mimo.data.detok.TextStream` does it above the engine (the server, and `generate` here).
@@ -45,6 +46,7 @@ from mimo.engine.sampler import (
 from mimo.engine.scheduler import ScheduledSeq, Scheduler
 from mimo.engine.sequence import Sequence, SequenceStatus
 from mimo.engine.speculative import accept_greedy, accept_sampled
+from mimo.model.moe import MoE, Routing
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[3] / "models" / "mimo-tiny"
 
@@ -92,6 +94,8 @@ class RequestDelta:
     num_output_tokens: int  # after this step
     time: float  # time.monotonic() when these tokens were committed (one step commits them together)
     metrics: RequestMetrics
+    # on the final delta of a request with SamplingParams.routed_experts: see RequestOutput.routed_experts
+    routed_experts: torch.Tensor | None = None
 
 
 @dataclass
@@ -109,6 +113,10 @@ class RequestOutput:
     logprobs: list[Any] | None = None
     index: int = 0
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    # with SamplingParams.routed_experts: [P + O - 1, n_moe_layers, top_k] int16, the experts chosen at every
+    # position the model ran over (prompt and output but the last token, whose successor is never computed):
+    # exactly the inputs of a training forward over prompt + output[:-1]. MoE layers in layer order.
+    routed_experts: torch.Tensor | None = None
 
 
 @dataclass
@@ -199,6 +207,11 @@ class LLM:
         self._rng = torch.Generator().manual_seed(seed)
         self._gens: dict[str, torch.Generator | None] = {}
         self._mtp: dict[str, MTPState] = {}
+        # routed experts of the committed positions, per sequence that asked: chunks [n, n_moe_layers, top_k]
+        # covering positions [0, sum of n) in order (a preemption restarts them at 0)
+        self._routed: dict[str, list[torch.Tensor]] = {}
+        self._moe_layers = sorted(m.layer_id for m in self.model.modules() if isinstance(m, MoE))
+        self._weights_version = self.model.weights_version
         self._requests: dict[str, _Request] = {}  # by request id, until every sample has finished
         self._parent: dict[str, str] = {}  # sequence id -> request id
         self._inbox: deque[tuple] = deque()
@@ -315,6 +328,7 @@ class LLM:
     def _retire(self, sid: str) -> None:
         self._gens.pop(sid, None)
         self._mtp.pop(sid, None)
+        self._routed.pop(sid, None)
         with self._lock:
             rid = self._parent.pop(sid, None)
             req = self._requests.get(rid) if rid is not None else None
@@ -327,10 +341,13 @@ class LLM:
     @torch.inference_mode()
     def step(self) -> list[RequestDelta]:
         ended = self._drain()
+        if self.model.weights_version != self._weights_version:
+            self._sync_weights()
         out = self.scheduler.schedule()
         self._stats.preemptions += len(out.preempted)
         for seq in out.preempted:
             self._mtp[seq.request_id] = MTPState()
+            self._routed.pop(seq.request_id, None)
         if out.is_empty:
             return ended
         self._stats.num_steps += 1
@@ -347,7 +364,11 @@ class LLM:
             row_of.append(row)
             drafts_of.append(drafts)
             row += len(toks) + len(drafts)
-        hidden = self.runner.forward(items)
+        routing = Routing(record=True) if any(it.seq.sampling_params.routed_experts for it in out.items) else None
+        hidden = self.runner.forward(items, routing)
+        # [N, n_moe_layers, top_k]: row i is the flattened query row i of this step (the layout of `hidden`)
+        routed = torch.stack([routing.ids[l] for l in self._moe_layers], 1).to("cpu", torch.int16) \
+            if routing is not None and self._moe_layers else None
 
         # rows that need logits: the last of a sampling prefill chunk, all 1 + drafts of a decode item
         need: list[int] = []
@@ -365,6 +386,13 @@ class LLM:
             seq = it.seq
             n_before, n_out = seq.num_computed_tokens, seq.num_output_tokens
             self.scheduler.update(it, tokens, num_drafts=len(drafts), logprobs=lps)
+            # committed rows: the whole prefill chunk; of a verify item the pending token and the accepted
+            # drafts (len(tokens) - 1 of them: the last token is the correction/bonus, computed next step).
+            # E.g. pending p at position n, drafts d1 d2 d3, d1 d2 accepted, bonus b: rows of p, d1, d2 are
+            # kept as positions n..n+2, d3's row is dropped.
+            n_new = len(toks) if it.is_prefill else len(tokens)
+            if routed is not None and seq.sampling_params.routed_experts:
+                self._keep_routed(seq.request_id, n_before, routed[r:r + n_new])
             if not it.is_prefill:
                 self._stats.decode_steps += 1
                 if drafts:
@@ -375,7 +403,6 @@ class LLM:
                 touched.append((seq, n_out))
                 continue
             # keep the hidden states of the newly committed positions for the MTP blocks
-            n_new = len(toks) if it.is_prefill else len(tokens)
             self._mtp[seq.request_id].append(n_before, hidden[r:r + n_new], seq.num_computed_tokens - self._h_keep)
             if tokens:
                 touched.append((seq, n_out))
@@ -446,12 +473,52 @@ class LLM:
         if seqs:
             self.runner.draft(seqs, states, nds)
 
+    def _keep_routed(self, sid: str, start: int, rows: torch.Tensor) -> None:
+        chunks = self._routed.setdefault(sid, [])
+        if sum(c.shape[0] for c in chunks) != start:
+            raise RuntimeError(f"routed experts of {sid!r}: rows for position {start} do not follow the "
+                               f"{sum(c.shape[0] for c in chunks)} kept")
+        chunks.append(rows)
+
     def _delta(self, seq: Sequence, n_out: int, now: float) -> RequestDelta:
         """The tokens appended since n_out; slices only the new tail (O(new tokens) per step)."""
         lps = seq.output_logprobs[n_out:] if seq.sampling_params.logprobs is not None else None
+        routed = None
+        if seq.is_finished and seq.sampling_params.routed_experts:
+            chunks = self._routed.get(seq.request_id)
+            shape = (0, len(self._moe_layers), self.model.config.n_active_experts)
+            # a verify step can commit rows beyond a stop token: keep the inputs of prompt + output[:-1]
+            routed = torch.cat(chunks)[:seq.num_tokens - 1] if chunks else torch.zeros(shape, dtype=torch.int16)
         return RequestDelta(self._parent[seq.request_id], seq.index, seq.output_token_ids[n_out:], lps,
                             seq.is_finished, seq.finish_reason, seq.stop_token_id, seq.num_prompt_tokens,
-                            seq.num_output_tokens, now, _metrics(seq))
+                            seq.num_output_tokens, now, _metrics(seq), routed)
+
+    # ---- weights -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_weights(self, weights: dict[str, torch.Tensor] | torch.nn.Module | None = None) -> int:
+        """Take new weights between steps (in-process sync after an optimizer step); returns the model's new
+        weights version. Call it from the thread that runs `step()`.
+
+        `weights`: a state dict or a module to copy into the engine's model (same architecture, strict), or
+        None / the engine's own model when the caller already changed that model's parameters in place
+        (load_state_dict, `p.data.copy_`, `p.data = t`, an optimizer step). Either way the model's weights
+        version moves, which drops every cached derived weight (fused q/k/v, gate/up, norms), and every
+        request in flight is preempted by recompute: its KV and MTP hidden states came from the old weights,
+        so its tokens so far are prefilled again under the new ones and it continues from there. (A caller
+        that bumps the version itself, `model.mark_weights_changed()`, gets the same at the next step.)"""
+        if weights is not None and weights is not self.model:
+            state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+            self.model.load_state_dict(state, strict=True)
+        self.model.mark_weights_changed()
+        self._sync_weights()
+        return self._weights_version
+
+    def _sync_weights(self) -> None:
+        self._weights_version = self.model.weights_version
+        for seq in self.scheduler.preempt_all():
+            self._stats.preemptions += 1
+            self._mtp[seq.request_id] = MTPState()
+            self._routed.pop(seq.request_id, None)
 
     # ---- batch API -------------------------------------------------------------------------------------------
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
@@ -481,11 +548,13 @@ class LLM:
             for j in range(sp.n):
                 stream = TextStream(self.tokenizer, sp.stop) if self.tokenizer is not None else None
                 acc[rid, j] = dict(prompt=p if isinstance(p, str) else None, ids=i, toks=[], lps=[], stream=stream,
-                                   done=None)
+                                   done=None, routed=None)
         pending = len(acc)
         while pending:
             for d in self.step():
                 a = acc[d.request_id, d.index]
+                if d.routed_experts is not None:
+                    a["routed"] = d.routed_experts
                 if a["done"] is not None:
                     continue  # tokens committed in the step that drained our stop-string abort
                 a["toks"] += d.new_token_ids
@@ -500,7 +569,9 @@ class LLM:
                 if d.finished or (stream is not None and stream.stopped is not None):
                     a["done"] = (reason, d.metrics, d.stop_token_id)
                     pending -= 1
-        self._drain()  # the stop-string aborts posted in the last step (their final deltas are not needed)
+        for d in self._drain():  # the stop-string aborts posted in the last step: only their routed experts
+            if d.routed_experts is not None:
+                acc[d.request_id, d.index]["routed"] = d.routed_experts
         outs = []
         for (rid, j), a in acc.items():
             reason, m, stop_id = a["done"]
@@ -510,9 +581,12 @@ class LLM:
                 stream.finish()
                 text, toks, lps = stream.text, toks[:stream.num_tokens], lps[:stream.num_tokens]
                 stop_reason = stream.stopped if stream.stopped is not None else stop_id
+            routed = a["routed"]
+            if routed is not None:  # cut with the tokens (a stop string): the inputs of prompt + toks[:-1]
+                routed = routed[:len(a["ids"]) + len(toks) - 1]
             outs.append(RequestOutput(rid, a["prompt"], a["ids"], toks, text, True, reason, m,
                                       lps if params[rids.index(rid)].logprobs is not None else None, j,
-                                      stop_reason))
+                                      stop_reason, routed))
         return outs
 
     def stats(self) -> dict[str, Any]:

@@ -57,8 +57,9 @@ class ModelRunner:
         self.device = torch.device(device)
         self.window = model.config.sliding_window
 
-    def forward(self, items: list[tuple[Sequence, int, list[int]]]) -> torch.Tensor:
-        """items: (seq, start position, query token ids). Returns pre-norm hidden states [N, D]."""
+    def forward(self, items: list[tuple[Sequence, int, list[int]]], routing=None) -> torch.Tensor:
+        """items: (seq, start position, query token ids). Returns pre-norm hidden states [N, D]; `routing`
+        (mimo.model.moe.Routing) records the chosen experts of the N flattened rows."""
         segs, ids, pos = [], [], []
         for seq, start, toks in items:
             segs.append(Segment(start, len(toks), seq.full_block_table, seq.sliding_block_table))
@@ -66,7 +67,7 @@ class ModelRunner:
             pos += range(start, start + len(toks))
         input_ids = torch.tensor([ids], device=self.device)
         positions = torch.tensor([pos], device=self.device)
-        return self.model.forward_hidden(input_ids, positions, self.cache.view(segs))[0]
+        return self.model.forward_hidden(input_ids, positions, self.cache.view(segs), routing)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden).float()

@@ -248,6 +248,14 @@ class Scheduler:
         self.running.sort(key=lambda s: s.arrival_order)
         return out
 
+    def preempt_all(self) -> list[Sequence]:
+        """Preempt every running sequence by recompute (their KV is no longer valid, e.g. new weights);
+        returns them. They are re-admitted in their old order, ahead of the sequences already waiting."""
+        seqs = sorted(self.running, key=lambda s: s.arrival_order)
+        for seq in reversed(seqs):  # appendleft: the oldest ends up first
+            self._preempt(seq)
+        return seqs
+
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         self.running.remove(seq)
