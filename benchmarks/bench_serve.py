@@ -1,5 +1,6 @@
-"""Serving benchmark on the default model, in one process: `mimo serve` in a background thread, the load
-generator (`mimo.serve.bench`) against it, and in-process `LLM.generate` on the same prompts for comparison.
+"""Serving benchmark on the default model: `mimo serve` as its own process (as users run it), the load
+generator (`mimo.serve.bench`) in this one, and in-process `LLM.generate` on the same prompts for comparison
+(run while the server idles).
 
 Configurations: code and chat-task prompts at concurrency 1, 8, 32 and 64 with MTP on (the server's default
 drafts); code at concurrency 1 with MTP off (`num_speculative_tokens: 0`); `LLM.generate` one prompt at a
@@ -16,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import re
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
 from mimo.engine import LLM, SamplingParams
 from mimo.serve import bench
-from mimo.serve.server import ServeConfig, start_background
 
 CONCURRENCIES = (1, 8, 32, 64)
 
@@ -84,6 +89,18 @@ def fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def start_server(model: str | None) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "mimo.cli", "serve", "--port", "0"] + (["--model", model] if model else [])
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in p.stdout:
+        m = re.search(r"at (http://[\d.]+:\d+)", line)
+        if m:
+            threading.Thread(target=p.stdout.read, daemon=True).start()
+            return p, m.group(1)
+    raise SystemExit(f"mimo serve exited with {p.wait()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="model directory (default: the bundled mimo-tiny)")
@@ -95,7 +112,10 @@ def main() -> None:
     if args.quick:
         args.rounds, args.requests = 3, 8
 
-    srv = start_background(ServeConfig(model=args.model, port=0))
+    import torch
+
+    torch.set_num_threads(1)  # as the server runs
+    server, url = start_server(args.model)
     try:
         llm = LLM(args.model)
         runs = [Run(p, c) for p in ("code", "chat") for c in CONCURRENCIES]
@@ -104,12 +124,12 @@ def main() -> None:
         n1 = num_requests(Run("code", 1), args.requests)
         llm_prompts = {"llm-code": bench.code_prompts(n1),
                        "llm-chat": [llm.tokenizer.encode_chat(m) for m in bench.chat_prompts(n1)]}
-        print(f"server {srv.url}, model {args.model or 'mimo-tiny (default)'}, max_tokens {args.max_tokens}, "
+        print(f"server {url}, model {args.model or 'mimo-tiny (default)'}, max_tokens {args.max_tokens}, "
               f"{args.rounds} rounds, >= {args.requests} requests per configuration")
 
         # warm-up: first requests pay one-off costs (allocator growth, lazy imports) in every path
         for run in (Run("code", 8), Run("code", 8, drafts=0), Run("chat", 8)):
-            serve_figures(srv.url, run, 8, 8)
+            serve_figures(url, run, 8, 8)
         for key in llm_prompts:
             llm_figures(llm, llm_prompts[key][:1], 8, key == "llm-code")
 
@@ -122,14 +142,15 @@ def main() -> None:
                 if run.prompts in llm_prompts:
                     f = llm_figures(llm, llm_prompts[run.prompts], args.max_tokens, run.prompts == "llm-code")
                 else:
-                    f, err = serve_figures(srv.url, run, num_requests(run, args.requests), args.max_tokens)
+                    f, err = serve_figures(url, run, num_requests(run, args.requests), args.max_tokens)
                     first_error = first_error or err
                 errors[run] += f.errors
                 if run not in best or f.output_tps > best[run].output_tps:
                     best[run] = f
             print(f"  round {rnd + 1}/{args.rounds}: {time.perf_counter() - t:.1f} s")
     finally:
-        srv.stop()
+        server.terminate()
+        server.wait(30)
 
     print(f"\n{'configuration':<34}{'requests':>9}{'errors':>7}{'out tok/s':>11}{'TTFT p50':>10}"
           f"{'TPOT p50':>10}{'ITL p50':>9}{'E2E p50':>10}{'AL':>6}   (latencies in ms)")

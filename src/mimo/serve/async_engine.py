@@ -22,6 +22,11 @@ from mimo.engine import LLM, SamplingParams
 from mimo.engine.llm import RequestDelta
 
 
+def _deliver(items: list[tuple[asyncio.Queue, RequestDelta]]) -> None:
+    for q, d in items:
+        q.put_nowait(d)
+
+
 class QueueFull(Exception):
     pass
 
@@ -69,11 +74,16 @@ class AsyncEngine:
                 return
             if self._on_step is not None:
                 self._on_step(deltas, time.perf_counter() - t0)
+            # one wake-up of each event loop per step, not one per request: at 64 requests a step's deltas
+            # would otherwise cost 64 cross-thread calls
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             with self._lock:
-                routed = [(self._queues.get(d.request_id), d) for d in deltas]
-            for target, d in routed:
-                if target is not None:
-                    target[0].call_soon_threadsafe(target[1].put_nowait, d)
+                for d in deltas:
+                    target = self._queues.get(d.request_id)
+                    if target is not None:
+                        by_loop.setdefault(target[0], []).append((target[1], d))
+            for loop, items in by_loop.items():
+                loop.call_soon_threadsafe(_deliver, items)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, num_speculative_tokens: int | None = None,
                        arrival_time: float | None = None, request_id: str | None = None
