@@ -4,9 +4,11 @@ import math
 
 import pytest
 import torch
+from tests.conftest import make_model
 
 from mimo.engine.config import EngineConfig, SamplingParams
 from mimo.engine.sampler import compute_logprobs, make_generator, probs_from_logits, sample
+from mimo.model.transformer import filter_logits
 
 
 # ---- SamplingParams / EngineConfig validation ------------------------------------------------------------------
@@ -166,3 +168,36 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_best():
     logits = torch.tensor([0.5, 0.3, 0.2]).log()
     torch.testing.assert_close(probs_from_logits(logits, 1.0, None, None, 0.5), torch.tensor([0.625, 0.375, 0.0]))
     torch.testing.assert_close(probs_from_logits(logits, 1.0, None, None, 0.0), torch.tensor([0.5, 0.3, 0.2]))
+
+
+# ---- one top-k / top-p definition: the model's filter_logits ---------------------------------------------------
+def test_top_k_keeps_ties_with_the_kth_logit():
+    """Ties at the k-th logit are all kept, whatever their order, so the law does not depend on token ids."""
+    logits = torch.tensor([[1.0, 2.0, 2.0, 0.0], [2.0, 1.0, 0.0, 2.0]])
+    torch.testing.assert_close(probs_from_logits(logits, 1.0, 1), torch.tensor([[0, 0.5, 0.5, 0], [0.5, 0, 0, 0.5]]))
+    kept = ~filter_logits(logits, 3).isinf()
+    assert kept.tolist() == [[True, True, True, False], [True, True, False, True]]
+
+
+def test_per_row_filter_equals_scalar_filter_row_by_row():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g).round(decimals=1)  # rounding makes ties
+    ks, ps = [0, 1, 5, 17, 49, 50], [1.0, 0.9, 0.5, 0.99, 0.2, 0.7]
+    batched = filter_logits(logits, torch.tensor(ks), torch.tensor(ps))
+    for i, (k, p) in enumerate(zip(ks, ps)):
+        assert torch.equal(batched[i], filter_logits(logits[i], k, p)), i
+    assert torch.equal(filter_logits(logits, None, None), logits)
+
+
+def test_engine_sampling_equals_the_reference_generate_with_top_k_and_top_p():
+    """Same seed, same filter, one draw per token: the engine (MTP off) reproduces the model's slow `generate`."""
+    from mimo.engine import LLM
+    from mimo.model import generate
+
+    model = make_model()
+    llm = LLM(model, num_speculative_tokens=0, max_model_len=64, block_size=4)
+    for i, (k, p) in enumerate([(5, 1.0), (None, 0.8), (20, 0.9)]):
+        prompt = [3 + i, 7, 11, 2]
+        ref = generate(model, prompt, 12, temperature=0.8, top_k=k, top_p=p, seed=i)
+        out = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.8, top_k=k, top_p=p, seed=i))
+        assert out[0].token_ids == ref, (k, p)

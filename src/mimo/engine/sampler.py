@@ -1,7 +1,8 @@
 """Sampling: pure functions of logits; one code path shared with speculative verification.
 
-- `probs_from_logits` is THE target distribution: temperature, then top-k, then top-p (vLLM's order), softmax
-  in float32. Greedy rows (temperature < 1e-5) become a point mass on the argmax. Verification feeds target
+- `probs_from_logits` is THE target distribution: temperature, then top-k, then top-p (vLLM's order, through
+  the model package's `filter_logits`, the same definition the reference `generate` uses), softmax in
+  float32. Greedy rows (temperature < 1e-5) become a point mass on the argmax. Verification feeds target
   logits through the same function, so speculative output is distributed exactly like plain sampling.
 - Reproducibility: a seeded request owns a `torch.Generator` (`make_generator`) that only its own rows
   consume, so its tokens do not depend on what else is in the batch. Unseeded rows share `default_generator`
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mimo.engine.config import GREEDY_EPS, SamplingParams
+from mimo.model.transformer import filter_logits
 
 _Param = float | int | None | torch.Tensor
 
@@ -50,9 +52,10 @@ def probs_from_logits(logits: torch.Tensor, temperature: _Param = 1.0, top_k: _P
     """logits [N, V] (or [V]) -> probabilities [N, V] float32.
 
     temperature / top_k / top_p: scalars or per-row tensors [N]. top_k <= 0 or None = off; top_p >= 1 or
-    None = off. top-p keeps the smallest set of most likely tokens whose mass reaches top_p (the most likely
-    token is always kept). Example, probs [0.5, 0.3, 0.2], top_p 0.7: the mass before each token is
-    [0, 0.5, 0.8] -> keep the first two -> [0.625, 0.375, 0]. min_p (0 = off) then drops tokens whose
+    None = off. top-k keeps the tokens tied with the k-th largest logit too. top-p keeps the smallest set of
+    most likely tokens whose mass reaches top_p (the most likely token is always kept). Example, probs
+    [0.5, 0.3, 0.2], top_p 0.7: the mass before each token is [0, 0.5, 0.8] -> keep the first two ->
+    [0.625, 0.375, 0]. min_p (0 = off) then drops tokens whose
     probability is below min_p times the most likely one's: probs [0.5, 0.3, 0.2], min_p 0.5 -> [0.625, 0.375, 0].
     """
     squeeze = logits.dim() == 1
@@ -62,21 +65,7 @@ def probs_from_logits(logits: torch.Tensor, temperature: _Param = 1.0, top_k: _P
     t_N = _per_row(temperature, N, 1.0, dev, torch.float32)
     greedy_N = t_N < GREEDY_EPS
     x_NV = x_NV / torch.where(greedy_N, torch.ones_like(t_N), t_N)[:, None]
-    k_N = _per_row(top_k, N, 0, dev, torch.long)
-    p_N = _per_row(top_p, N, 1.0, dev, torch.float32)
-    use_k, use_p = bool(((k_N > 0) & (k_N < V)).any()), bool((p_N < 1.0).any())
-    if use_k or use_p:
-        sorted_NV, idx_NV = x_NV.sort(dim=-1, descending=True, stable=True)
-        drop_NV = torch.zeros_like(sorted_NV, dtype=torch.bool)
-        if use_k:
-            k_N = torch.where((k_N > 0) & (k_N < V), k_N, torch.full_like(k_N, V))
-            drop_NV |= torch.arange(V, device=dev)[None, :] >= k_N[:, None]
-        if use_p:
-            ps_NV = torch.softmax(sorted_NV.masked_fill(drop_NV, float("-inf")), dim=-1)
-            before_NV = torch.cumsum(ps_NV, dim=-1) - ps_NV  # mass strictly before each token
-            # rows with top_p >= 1 are left alone: float rounding in the cumsum must not drop the tail
-            drop_NV |= (before_NV >= p_N[:, None]) & (p_N < 1.0)[:, None]
-        x_NV = torch.empty_like(x_NV).scatter_(-1, idx_NV, sorted_NV.masked_fill(drop_NV, float("-inf")))
+    x_NV = filter_logits(x_NV, top_k, top_p)
     probs_NV = torch.softmax(x_NV, dim=-1)
     m_N = _per_row(min_p, N, 0.0, dev, torch.float32)
     if bool((m_N > 0).any()):

@@ -164,18 +164,46 @@ class Transformer(nn.Module):
         return logits, mtp_logits
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Mask (to -inf) everything outside the top-k and the top-p nucleus; logits [..., V]."""
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return logits
+def _per_row(x, n: int, default, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A scalar, None (= default) or a tensor [n] as a tensor [n]."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype).expand(n) if x.dim() == 0 else x.to(device=device, dtype=dtype)
+    return torch.full((n,), default if x is None else x, dtype=dtype, device=device)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | torch.Tensor | None = None,
+                  top_p: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Mask (to -inf) everything outside the top-k, then outside the top-p nucleus; logits [..., V].
+
+    The one definition of top-k / top-p: the reference `generate` here and the engine's sampler both use it.
+    top_k / top_p: scalars or per-row tensors (one value per row of logits.reshape(-1, V)); top_k <= 0 or None
+    = off, top_p >= 1 or None = off. top-k keeps every token tied with the k-th largest logit, so the result
+    does not depend on how ties are ordered (vLLM does the same). top-p then keeps the most likely tokens until
+    their mass reaches top_p: a token is dropped when the mass sorted before it already reaches top_p, so the
+    most likely token always stays. Example, probs [0.5, 0.3, 0.2], top_p 0.7: mass before each token
+    [0, 0.5, 0.8] -> the first two are kept.
+    """
+    V = logits.shape[-1]
+    x_NV = logits.reshape(-1, V)
+    N, dev = x_NV.shape[0], logits.device
+    k_N = _per_row(top_k, N, 0, torch.long, dev)
+    p_N = _per_row(top_p, N, 1.0, torch.float32, dev)
+    k_on, p_on = (k_N > 0) & (k_N < V), p_N < 1.0
+    use_k, use_p = bool(k_on.any()), bool(p_on.any())
+    if not (use_k or use_p):
+        return logits
+    sorted_NV, idx_NV = x_NV.sort(dim=-1, descending=True, stable=True)
+    drop_NV = torch.zeros_like(sorted_NV, dtype=torch.bool)
+    if use_k:
+        kth_N1 = sorted_NV.gather(-1, (torch.where(k_on, k_N, torch.full_like(k_N, V)) - 1)[:, None])
+        drop_NV |= (sorted_NV < kth_N1) & k_on[:, None]
+    if use_p:
+        ps_NV = torch.softmax(sorted_NV.float().masked_fill(drop_NV, float("-inf")), dim=-1)
+        before_NV = torch.cumsum(ps_NV, dim=-1) - ps_NV  # mass strictly before each token
+        # rows with top-p off are left alone: float rounding in the cumsum must not drop their tail
+        drop_NV |= (before_NV >= p_N[:, None]) & p_on[:, None]
+    out = torch.empty_like(x_NV).scatter_(-1, idx_NV, sorted_NV.masked_fill(drop_NV, float("-inf")))
+    return out.reshape(logits.shape)
 
 
 @torch.no_grad()
