@@ -6,10 +6,12 @@ import math
 import pytest
 import torch
 from tests.conftest import make_model
+from tests.engine.helpers import drive, oracle_drafts
 
 from mimo.engine import LLM, SamplingParams
 from mimo.engine import llm as llm_mod
 from mimo.model import generate
+from mimo.model.transformer import filter_logits
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
 
@@ -55,25 +57,40 @@ def test_greedy_matches_reference_with_staggered_arrivals_and_chunked_prefill(mo
         assert reason[r] == "length"
 
 
+def _check_speculation_did_work(llm, commits, k, window):
+    """Drafts were accepted (so equality is not trivially true), steps committed 2..k+1 tokens, also beyond
+    the sliding window, and every acceptance length 0..k was seen."""
+    st = llm.stats()
+    assert st["accepted_tokens"] >= st["drafted_tokens"] // 3 > 0, st
+    sizes = {n for _, n in commits}
+    assert set(range(1, k + 2)) <= sizes, sizes
+    assert any(n >= 2 and pos > window for pos, n in commits), "no multi-token commit past the window"
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_greedy_mtp_on_equals_off(model, k):
+    """Prompts below, at and beyond the window (9); drafts from the reference continuation with errors."""
     prompts = _prompts(model, (5, 30, 12), seed=1)
     off = _engine(model, num_speculative_tokens=0).generate(prompts, GREEDY)
     llm = _engine(model, num_speculative_tokens=k)
-    on = llm.generate(prompts, GREEDY)
-    assert [o.token_ids for o in on] == [o.token_ids for o in off]
-    assert llm.stats()["drafted_tokens"] > 0
+    oracle_drafts(llm, {tuple(p): o.token_ids for p, o in zip(prompts, off)})
+    on, commits = drive(llm, prompts, GREEDY)
+    assert on == [o.token_ids for o in off]
+    _check_speculation_did_work(llm, commits, k, model.config.sliding_window)
 
 
-def test_preemption_by_tiny_pool_keeps_greedy_output(model):
-    """A full pool that holds ~2 long requests forces recompute preemption of younger ones."""
-    llm = _engine(model, num_speculative_tokens=2, num_full_blocks=34, max_model_len=64, max_num_seqs=4)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_preemption_by_tiny_pool_keeps_greedy_output(model, k):
+    """A full pool that holds ~2 long requests forces recompute preemption of younger ones mid-speculation."""
+    llm = _engine(model, num_speculative_tokens=k, num_full_blocks=34, max_model_len=64, max_num_seqs=4)
     prompts = _prompts(model, (20, 22, 18, 21), seed=2)
     params = SamplingParams(max_tokens=40, temperature=0)
-    outs = llm.generate(prompts, params)
+    refs = [generate(model, p, 40) for p in prompts]
+    oracle_drafts(llm, {tuple(p): r for p, r in zip(prompts, refs)})
+    outs, commits = drive(llm, prompts, params)
     assert llm.stats()["preemptions"] > 0
-    for o, p in zip(outs, prompts):
-        assert o.token_ids == generate(model, p, 40)
+    assert outs == refs
+    _check_speculation_did_work(llm, commits, k, model.config.sliding_window)
     assert llm.block_manager.usage().full_used == 0 and llm.block_manager.usage().sliding_used == 0
 
 
@@ -106,23 +123,24 @@ def test_mtp_drafts_equal_recomputation_from_scratch(model):
     assert checked >= 5
 
 
-def _exact_joint(model, prompt, length, temperature):
-    """Exact probability of every continuation of `length` tokens: [V ** length], by enumerating prefixes."""
+def _exact_joint(model, prompt, length, temperature, top_k=None, top_p=None):
+    """Exact probability of every continuation of `length` tokens: [V ** length], by enumerating prefixes
+    (full forwards and the model package's filter, as the reference `generate` samples)."""
     V = model.config.vocab_size
     joint = torch.ones(1)
     prefixes = [[]]
     with torch.no_grad():
         for _ in range(length):
             logits = model(torch.tensor([prompt + p for p in prefixes]))[:, -1]
-            step = torch.softmax(logits / temperature, -1)  # [P, V]
+            step = torch.softmax(filter_logits(logits / temperature, top_k, top_p), -1)  # [P, V]
             joint = (joint[:, None] * step).reshape(-1)
             prefixes = [p + [a] for p in prefixes for a in range(V)]
     return joint
 
 
-def _empirical(llm, prompt, n, length, temperature):
-    outs = llm.generate([prompt] * n, [SamplingParams(max_tokens=length, temperature=temperature, seed=s)
-                                       for s in range(n)])
+def _empirical(llm, prompt, n, length, temperature, top_k=None, top_p=1.0):
+    outs = llm.generate([prompt] * n, [SamplingParams(max_tokens=length, temperature=temperature, top_k=top_k,
+                                                      top_p=top_p, seed=s) for s in range(n)])
     V = llm.model.config.vocab_size
     counts = torch.zeros(V ** length)
     for o in outs:
@@ -149,14 +167,19 @@ def _chi2_pvalue_ok(counts, probs, min_expected=5.0):
 
 
 def test_sampled_mtp_matches_model_distribution_and_broken_rule_fails(monkeypatch):
-    """Four sampled tokens (the second step verifies 2 drafts) follow the exact model distribution;
-    an always-accept rule does not."""
+    """Four sampled tokens with temperature, top-k and top-p (the second step verifies drafts) follow the exact
+    filtered model distribution; an always-accept rule, and verification that forgets top-k / top-p, do not."""
     model = make_model(vocab_size=4, seed=5)
     prompt = [1, 2, 3, 0, 1]
-    T, N, L = 1.3, 2500, 4
-    exact = _exact_joint(model, prompt, L, T)
-    llm = _engine(model, num_speculative_tokens=3, max_num_seqs=64, max_num_batched_tokens=512)
-    ok, stat, dof = _chi2_pvalue_ok(_empirical(llm, prompt, N, L, T), exact)
+    T, K, P, N, L = 1.3, 3, 0.9, 2500, 4
+    exact = _exact_joint(model, prompt, L, T, K, P)
+    assert int((exact == 0).sum()) > 0, "the filter removes nothing: the test would not see it ignored"
+
+    def run():
+        llm = _engine(model, num_speculative_tokens=3, max_num_seqs=64, max_num_batched_tokens=512)
+        return llm, _chi2_pvalue_ok(_empirical(llm, prompt, N, L, T, K, P), exact)
+
+    llm, (ok, stat, dof) = run()
     assert ok, (stat, dof)
     st = llm.stats()
     assert 0 < st["accepted_tokens"] < st["drafted_tokens"]  # both branches of the rule were exercised
@@ -164,10 +187,13 @@ def test_sampled_mtp_matches_model_distribution_and_broken_rule_fails(monkeypatc
     def always_accept(drafts, draft_probs, target_probs, generator=None):
         return list(drafts) + [int(torch.multinomial(target_probs[-1], 1, generator=generator))]
 
-    monkeypatch.setattr(llm_mod, "accept_sampled", always_accept)
-    broken = _engine(model, num_speculative_tokens=3, max_num_seqs=64, max_num_batched_tokens=512)
-    ok, stat, dof = _chi2_pvalue_ok(_empirical(broken, prompt, N, L, T), exact)
-    assert not ok, (stat, dof)
+    real_probs = llm_mod.probs_from_logits
+    for name, patch in (("accept_sampled", always_accept),
+                        ("probs_from_logits", lambda x, t, k, p, m: real_probs(x, t, None, None, m))):
+        with monkeypatch.context() as m:
+            m.setattr(llm_mod, name, patch)
+            _, (ok, stat, dof) = run()
+        assert not ok, (name, stat, dof)
 
 
 def test_same_seed_same_output_whatever_the_batch(model):

@@ -23,6 +23,8 @@ ALPHA = 1e-7
 
 def chi2_pvalue(stat: float, df: int) -> float:
     """Upper tail of the chi-square distribution (regularised gamma series; fine for these sizes)."""
+    if math.isinf(stat):
+        return 0.0
     a, x = df / 2, stat / 2
     term = total = 1 / a
     n = 0
@@ -33,9 +35,14 @@ def chi2_pvalue(stat: float, df: int) -> float:
     return max(0.0, 1 - math.exp(-x + a * math.log(x) - math.lgamma(a)) * total) if x > 0 else 1.0
 
 
-def chi2_stat(counts: Counter, expected: dict) -> float:
+def chi2_stat(counts: Counter, expected: dict) -> tuple[float, int]:
+    """(statistic, degrees of freedom) over the cells of positive probability; inf if a cell of probability 0
+    (a token top-k / top-p removed) was ever emitted."""
     n = sum(counts.values())
-    return sum((counts.get(c, 0) - n * p) ** 2 / (n * p) for c, p in expected.items())
+    if any(counts.get(c, 0) for c, p in expected.items() if p == 0):
+        return math.inf, 1
+    cells = [(counts.get(c, 0), p) for c, p in expected.items() if p > 0]
+    return sum((o - n * p) ** 2 / (n * p) for o, p in cells), len(cells) - 1
 
 
 def toy_models():
@@ -63,10 +70,17 @@ def resample_from_target(drafts, draft_probs, target_probs, generator):
     return out + [sample_from_probs(target_probs[len(drafts)], generator)]
 
 
-def simulate(accept, argmax_drafts: bool, n: int, seed: int, pass_q_for_argmax=False, k: int = 2
-             ) -> tuple[Counter, Counter]:
-    """n generations from X0 until 2 tokens are emitted; returns (first token counts, first pair counts)."""
+def filtered(P: torch.Tensor, temperature=1.2, top_k=3, top_p=0.9) -> torch.Tensor:
+    """The toy target as a request with temperature, top-k and top-p sees it (rows p(. | prev))."""
+    return probs_from_logits(P.log(), temperature, top_k, top_p)
+
+
+def simulate(accept, argmax_drafts: bool, n: int, seed: int, pass_q_for_argmax=False, k: int = 2,
+             target: torch.Tensor | None = None) -> tuple[Counter, Counter]:
+    """n generations from X0 until 2 tokens are emitted; returns (first token counts, first pair counts).
+    target: the rows p(. | prev) verification uses (default the toy P)."""
     P, Q = toy_models()
+    P = P if target is None else target
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     q_rows = Q.tolist()
@@ -88,11 +102,12 @@ def simulate(accept, argmax_drafts: bool, n: int, seed: int, pass_q_for_argmax=F
     return first, pairs
 
 
-def pvalues(first: Counter, pairs: Counter) -> tuple[float, float]:
-    P, _ = toy_models()
+def pvalues(first: Counter, pairs: Counter, law: torch.Tensor | None = None) -> tuple[float, float]:
+    """p-values of the first token and the first pair under the chain `law` (default the toy P)."""
+    P = toy_models()[0] if law is None else law
     p1 = {a: P[X0, a].item() for a in range(V)}
     p2 = {(a, b): P[X0, a].item() * P[a, b].item() for a in range(V) for b in range(V)}
-    return chi2_pvalue(chi2_stat(first, p1), V - 1), chi2_pvalue(chi2_stat(pairs, p2), V * V - 1)
+    return chi2_pvalue(*chi2_stat(first, p1)), chi2_pvalue(*chi2_stat(pairs, p2))
 
 
 N = 3000
@@ -122,6 +137,26 @@ def test_the_statistic_detects_broken_rules(name, accept, argmax, pass_q):
     first, pairs = simulate(accept, argmax_drafts=argmax, n=N, seed=3, pass_q_for_argmax=pass_q)
     _, p_pairs = pvalues(first, pairs)
     assert p_pairs < ALPHA, f"the test cannot tell '{name}' from the correct rule"
+
+
+@pytest.mark.parametrize("argmax", [False, True])
+def test_exact_sampling_with_top_k_and_top_p_matches_the_filtered_target(argmax):
+    """Verification against probs_from_logits with temperature 1.2, top-k 3, top-p 0.9 gives the filtered law:
+    drafts of removed tokens (q puts mass there) are always rejected and the residual stays inside the filter."""
+    law = filtered(toy_models()[0])
+    assert int((law == 0).sum()) >= 2 * V, "the filter must remove tokens for this test to mean anything"
+    first, pairs = simulate(accept_sampled, argmax_drafts=argmax, n=N, seed=7 + argmax, target=law)
+    p_first, p_pairs = pvalues(first, pairs, law)
+    assert p_first > ALPHA and p_pairs > ALPHA
+
+
+def test_the_statistic_detects_verification_without_the_filter():
+    """Broken: verify rows forget top-k / top-p (the raw tempered softmax) while the request asked for them."""
+    P = toy_models()[0]
+    law = filtered(P)
+    first, pairs = simulate(accept_sampled, argmax_drafts=False, n=N, seed=9, target=filtered(P, top_k=None,
+                                                                                              top_p=None))
+    assert pvalues(first, pairs, law)[1] < ALPHA
 
 
 def test_draft_equal_to_target_is_always_accepted():

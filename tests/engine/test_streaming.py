@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 from tests.conftest import make_model
+from tests.engine.helpers import oracle_drafts
 
 from mimo.data import Tokenizer
 from mimo.data.detok import TextStream
@@ -115,24 +116,6 @@ def _penalized_reference(model, prompt, n, rep=1.0, pres=0.0, freq=0.0):
     return out
 
 
-def oracle_drafts(llm, ref):
-    """Replace the MTP drafts by the reference continuation, wrong in the last slot every other round, so
-    verification accepts multi-token runs (the random test heads accept almost nothing)."""
-    real, rounds = llm.runner.draft, [0]
-
-    def draft(seqs, states, nds):
-        real(seqs, states, nds)
-        rounds[0] += 1
-        for seq, st, nd in zip(seqs, states, nds):
-            n = seq.num_output_tokens  # the pending token is ref[n - 1]; drafts stand for ref[n:n + nd]
-            d = (ref[n:n + nd] + [0] * nd)[:nd]
-            if rounds[0] % 2:
-                d[-1] = (d[-1] + 1) % llm.model.config.vocab_size
-            st.drafts = d
-
-    llm.runner.draft = draft
-
-
 @pytest.mark.parametrize("k", [0, 3])
 @pytest.mark.parametrize("pen", [dict(rep=1.5), dict(pres=1.0, freq=0.5)])
 def test_penalties_match_a_token_by_token_reference(model, k, pen):
@@ -141,7 +124,7 @@ def test_penalties_match_a_token_by_token_reference(model, k, pen):
                         presence_penalty=pen.get("pres", 0.0), frequency_penalty=pen.get("freq", 0.0))
     ref = _penalized_reference(model, prompt, 16, **pen)
     llm = _engine(model, num_speculative_tokens=k)
-    oracle_drafts(llm, ref)
+    oracle_drafts(llm, {tuple(prompt): ref})
     assert llm.generate([prompt], sp)[0].token_ids == ref
     assert ref != generate(model, prompt, 16), "the penalties changed nothing: the test would not see a bug"
     if k:
