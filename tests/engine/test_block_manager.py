@@ -13,7 +13,7 @@ from mimo.engine.block_manager import (
     cdiv,
     max_blocks_spanned,
     sliding_blocks_bound,
-    slot_index,
+    slots,
 )
 from mimo.engine.sequence import Sequence
 
@@ -34,15 +34,25 @@ def check_ownership(bm: KVBlockManager, seqs):
 
 
 # ---- arithmetic ----------------------------------------------------------------------------------------------
-def test_slot_index_worked_example():
-    """block_size 16, position 37 in block 9 -> offset 5 -> slot 149."""
-    assert slot_index(9, 37 % 16, 16) == 149
-    bm = KVBlockManager(16, 10, 10, sliding_window=64)
-    seq = make_seq()
-    bm.allocate(seq, 38)
-    blk = seq.full_block_table[2]
-    assert bm.full_block(seq, 37) == (blk, 5)
-    assert bm.full_slots(seq, 37, 38) == [blk * 16 + 5]
+def test_slots_worked_examples():
+    """B 16, table [7, 9, 4]: positions 30..34 are 30, 31 in block 9 (slots 158, 159), then 32..34 in block 4."""
+    assert slots([7, 9, 4], 30, 35, 16) == [158, 159, 64, 65, 66]
+    assert slots([7, 9, 4], 21, 22, 16) == [149]  # position 21: block 9, offset 5 -> 9 * 16 + 5
+    assert slots([7, 9, 4], 5, 5, 16) == []
+    with pytest.raises(IndexError):  # a freed block
+        slots([None, 9], 3, 20, 16)
+    with pytest.raises(IndexError):  # past the table
+        slots([7, 9, 4], 40, 49, 16)
+
+
+def test_slots_match_a_position_by_position_map():
+    rng = random.Random(0)
+    for _ in range(200):
+        B = rng.randint(1, 6)
+        table = rng.sample(range(50), 8)
+        lo = rng.randint(0, 8 * B)
+        hi = rng.randint(lo, 8 * B)
+        assert slots(table, lo, hi, B) == [table[p // B] * B + p % B for p in range(lo, hi)]
 
 
 def test_max_blocks_spanned_matches_brute_force():
@@ -85,12 +95,12 @@ def test_sliding_free_rule_worked_example():
     seq.num_computed_tokens = 11
     assert bm.free_out_of_window(seq) == 1
     assert seq.sliding_block_table[0] is None and seq.sliding_block_table[1] is not None
-    bm.sliding_block(seq, 7)  # still readable: the query at 11 reads keys 7..11
+    slots(seq.sliding_block_table, 7, 12, 4)  # still readable: the query at 11 reads keys 7..11
     with pytest.raises(IndexError):
-        bm.sliding_block(seq, 3)
+        slots(seq.sliding_block_table, 3, 4, 4)
     seq.num_computed_tokens = 12
     assert bm.free_out_of_window(seq) == 1
-    assert bm.full_slots(seq, 0, 12)  # the full table keeps everything
+    assert len(slots(seq.full_block_table, 0, 12, 4)) == 12  # the full table keeps everything
     check_ownership(bm, [seq])
 
 
@@ -107,7 +117,7 @@ def test_uncommitted_speculative_slots_never_trigger_frees():
     # all drafts rejected: n advances by 1 only; every key the next query (at 11) reads is still there
     seq.num_computed_tokens = 11
     bm.free_out_of_window(seq)
-    assert len(set(bm.sliding_slots(seq, 11 - 3 + 1, 16))) == 16 - 9
+    assert len(set(slots(seq.sliding_block_table, 11 - 3 + 1, 16, 2))) == 16 - 9
 
 
 def test_can_allocate_checks_both_pools():
@@ -213,10 +223,10 @@ def test_random_operations_keep_ownership_and_bounds(block_size, window, margin,
             if up == 0:
                 continue
             if has_full:
-                assert len(set(bm.full_slots(s, 0, up))) == up
+                assert len(set(slots(s.full_block_table, 0, up, block_size))) == up
             if has_sliding:  # every key the next query (at n, or n - margin back) can read
                 lo = bm.first_live_position(s.num_computed_tokens)
-                assert len(set(bm.sliding_slots(s, lo, up))) == up - lo
+                assert len(set(slots(s.sliding_block_table, lo, up, block_size))) == up - lo
     for s in seqs:
         bm.free(s)
     u = bm.usage()

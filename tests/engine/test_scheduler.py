@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mimo.engine.block_manager import KVBlockManager, cdiv, sliding_blocks_bound
+from mimo.engine.block_manager import KVBlockManager, cdiv, sliding_blocks_bound, slots
 from mimo.engine.config import EngineConfig, SamplingParams
 from mimo.engine.scheduler import Scheduler
 from mimo.engine.sequence import Sequence, SequenceStatus
@@ -115,7 +115,7 @@ def simulate(sched: Scheduler, reqs: list[Req], rng: random.Random, draft_hit=0.
                                                                        key=lambda s: s.arrival_order)))
         check_block_ownership(sched)
         # ---- the fake runner: write every query position, then read every key the queries may read
-        inputs = {}
+        inputs, B = {}, bm.block_size
         for it in out.items:
             seq = it.seq
             assert seq.status is SequenceStatus.RUNNING and it.num_tokens >= 1
@@ -139,9 +139,9 @@ def simulate(sched: Scheduler, reqs: list[Req], rng: random.Random, draft_hit=0.
             for i, p in enumerate(range(it.start_pos, it.end_pos)):
                 cell = (seq.request_id, p, toks[i])
                 if bm.has_full:
-                    kv_full[bm.full_slots(seq, p, p + 1)[0]] = cell
+                    kv_full[slots(seq.full_block_table, p, p + 1, B)[0]] = cell
                 if bm.has_sliding:
-                    kv_slide[bm.sliding_slots(seq, p, p + 1)[0]] = cell
+                    kv_slide[slots(seq.sliding_block_table, p, p + 1, B)[0]] = cell
             inputs[id(seq)] = (toks, n_drafts)
         for it in out.items:
             seq = it.seq
@@ -153,10 +153,10 @@ def simulate(sched: Scheduler, reqs: list[Req], rng: random.Random, draft_hit=0.
 
             if bm.has_full:  # queries at start..end-1 read every key below end
                 for p in range(it.end_pos):
-                    assert kv_full[bm.full_slots(seq, p, p + 1)[0]] == expect(p), "full KV lost or clobbered"
+                    assert kv_full[slots(seq.full_block_table, p, p + 1, B)[0]] == expect(p), "full KV lost"
             if bm.has_sliding:  # and the window (+ margin) behind the first query
                 for p in range(max(0, it.start_pos - W + 1 - margin), it.end_pos):
-                    assert kv_slide[bm.sliding_slots(seq, p, p + 1)[0]] == expect(p), "sliding KV lost"
+                    assert kv_slide[slots(seq.sliding_block_table, p, p + 1, B)[0]] == expect(p), "sliding KV lost"
         # ---- results: greedy acceptance against the fake model
         results, nds = [], []
         for it in out.items:

@@ -2,7 +2,8 @@
 
 Layout (vLLM-style per-type block tables, not a ring buffer, so speculative rollback is free):
 - Both pools hold `block_size` token slots per block; block b covers slots [b * block_size, (b+1) * block_size)
-  of that pool's KV tensors. The runner writes/reads a token through `slot = block_id * block_size + offset`.
+  of that pool's KV tensors. The KV cache writes/reads a token through `slots()`:
+  slot = block_id * block_size + offset.
 - A sequence's position p lives in logical block p // block_size at offset p % block_size, in each table.
 - FULL pool: global-attention layers. The full table holds blocks for every position [0, upto).
 - SLIDING pool: sliding-window layers and the MTP heads' sliding caches (they are sliding layers with their own
@@ -251,35 +252,23 @@ class KVBlockManager:
     def num_live_sliding_blocks(seq: Sequence) -> int:
         return sum(1 for b in seq.sliding_block_table if b is not None)
 
-    # ---- positions -> slots --------------------------------------------------------------------------------
-    def full_block(self, seq: Sequence, pos: int) -> tuple[int, int]:
-        """(block id, offset) of position pos in the full pool. B 16, pos 37 -> (full_table[2], 5)."""
-        j, off = divmod(pos, self.block_size)
-        if pos < 0 or j >= len(seq.full_block_table):
-            raise IndexError(f"position {pos} of {seq.request_id!r} has no full-pool slot")
-        return seq.full_block_table[j], off
 
-    def sliding_block(self, seq: Sequence, pos: int) -> tuple[int, int]:
-        """(block id, offset) of position pos in the sliding pool; IndexError if freed or never allocated."""
-        j, off = divmod(pos, self.block_size)
-        table = seq.sliding_block_table
-        if pos < 0 or j >= len(table) or table[j] is None:
-            raise IndexError(f"position {pos} of {seq.request_id!r} has no sliding-pool slot "
-                             "(out of the window or not allocated)")
-        return table[j], off
+def slots(table: list[int | None], lo: int, hi: int, block_size: int) -> list[int]:
+    """Slots of positions [lo, hi) of one sequence in one pool: table[p // B] * B + p % B.
 
-    def full_slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        """Full-pool slot indices of positions [start, end)."""
-        return [slot_index(*self.full_block(seq, p), self.block_size) for p in range(start, end)]
-
-    def sliding_slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        """Sliding-pool slot indices of positions [start, end)."""
-        return [slot_index(*self.sliding_block(seq, p), self.block_size) for p in range(start, end)]
-
-
-def slot_index(block_id: int, offset: int, block_size: int) -> int:
-    """Flat slot of (block, offset) in a pool tensor of shape [num_blocks * block_size, ...].
-
-    Example: block_size 16, position 37 held in block 9 -> offset 37 % 16 = 5 -> slot 9 * 16 + 5 = 149.
+    The one position -> slot map: the KV cache writes and gathers through it. E.g. B = 16, table [7, 9, 4],
+    lo = 30, hi = 35: block 9 holds 30..31 (slots 158, 159), block 4 holds 32..34 (slots 64, 65, 66).
+    IndexError if a position's block was freed (out of the window) or never allocated. Python ranges, not
+    tensor ops: a step's metadata is a few hundred small integers, and every tensor op would cost more.
     """
-    return block_id * block_size + offset
+    out: list[int] = []
+    p = lo
+    while p < hi:
+        j, off = divmod(p, block_size)
+        b = table[j] if 0 <= j < len(table) else None
+        if b is None:
+            raise IndexError(f"position {p} has no KV slot (its block is freed or was never allocated)")
+        n = min(block_size - off, hi - p)
+        out.extend(range(b * block_size + off, b * block_size + off + n))
+        p += n
+    return out

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mimo.engine.block_manager import slots as slots_of
 from mimo.model.attention import attend_masked, causal_attention, window_mask
 from mimo.model.config import SLIDING, ModelConfig
 
@@ -79,26 +80,6 @@ class KVCache:
         return StepView(self, segments)
 
 
-def _slots(table: list[int | None], lo: int, hi: int, block_size: int) -> list[int]:
-    """Slots of positions [lo, hi) of one sequence, block by block: table[p // B] * B + p % B.
-
-    E.g. B = 16, table [7, 9, 4], lo = 30, hi = 35: block 9 holds 30..31 (slots 158, 159), block 4 holds
-    32..34 (slots 64, 65, 66). Python ranges, not tensor ops: a step's metadata is a few hundred small
-    integers, and every tensor op here would cost more than the arithmetic.
-    """
-    out: list[int] = []
-    p = lo
-    while p < hi:
-        j, off = divmod(p, block_size)
-        b = table[j] if j < len(table) else None
-        if b is None:
-            raise IndexError("a position reaches a freed or missing KV block")
-        n = min(block_size - off, hi - p)
-        out.extend(range(b * block_size + off, b * block_size + off + n))
-        p += n
-    return out
-
-
 class StepView:
     """What the model's `cache` argument is during an engine step (see module docstring).
 
@@ -117,7 +98,7 @@ class StepView:
             return s.swa_table if sliding else s.full_table
 
         self.N = sum(s.length for s in segments)
-        self.write = {p: torch.tensor([x for s in segments for x in _slots(table(s, p), s.start, s.end, B)],
+        self.write = {p: torch.tensor([x for s in segments for x in slots_of(table(s, p), s.start, s.end, B)],
                                       dtype=torch.long, device=dev) for p in pools}
         offsets = list(itertools.accumulate((s.length for s in segments), initial=0))
         short = [i for i, s in enumerate(segments) if s.length <= SHORT]
@@ -138,7 +119,7 @@ class StepView:
                 S = max(s.end - lo for s, lo in zip(ss, los))
                 slots, kpos = [], []
                 for s, lo in zip(ss, los):
-                    r = _slots(table(s, sliding), lo, s.end, B)
+                    r = slots_of(table(s, sliding), lo, s.end, B)
                     pad = S - len(r)
                     slots.append(r + [r[0]] * pad)  # padding reads any valid slot; the mask drops it
                     kpos.append(list(range(lo, s.end)) + [_PAD_POS] * pad)
@@ -148,7 +129,7 @@ class StepView:
         self.long_keys: list[dict[bool, tuple[torch.Tensor, int]]] = []
         for _, s in self.long:
             los = {True: max(s.start - W + 1, s.kv_lo), False: s.kv_lo}
-            self.long_keys.append({p: (torch.tensor(_slots(table(s, p), los[p], s.end, B), device=dev), los[p])
+            self.long_keys.append({p: (torch.tensor(slots_of(table(s, p), los[p], s.end, B), device=dev), los[p])
                                    for p in pools})
 
     def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
