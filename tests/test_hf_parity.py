@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+# transformers is a dev dependency: without it this file must fail (make test), not skip silently
+from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
+
 from mimo.checkpoint import fp8, load_model, save_model
 from mimo.checkpoint.hf_adapter import to_checkpoint
 from mimo.model import ModelConfig, Transformer, init_weights
 from tests.conftest import randomize_extras
-
-transformers = pytest.importorskip("transformers")
-from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM  # noqa: E402
 
 ATOL = 1e-4
 T = 16  # > every window below
