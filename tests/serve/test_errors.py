@@ -127,3 +127,26 @@ def test_a_full_admission_queue_is_429(guarded):
         envelope(busy, 429)  # a stream is refused before its first byte, with a status, not an event
     ok = post(guarded, "/v1/chat/completions", {"messages": MSG, "max_tokens": 2}, **auth)
     assert ok.status_code == 200
+
+
+def test_an_error_after_the_stream_started_is_an_error_event(idle, monkeypatch):
+    import mimo.serve.app as app_mod
+
+    class Failing(app_mod.OutputParser):
+        calls = 0
+
+        def push(self, text):
+            Failing.calls += 1
+            if Failing.calls == 3:
+                raise RuntimeError("parser broke")
+            return super().push(text)
+
+    monkeypatch.setattr(app_mod, "OutputParser", Failing)
+    body = {"messages": MSG, "max_tokens": 40, "ignore_eos": True, "stream": True, "num_speculative_tokens": 0}
+    with httpx.stream("POST", idle.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "parser broke" in events[-1]["error"]["message"] and events[-1]["error"]["code"] == "500"
+    monkeypatch.undo()
+    assert post(idle, "/v1/chat/completions", {"messages": MSG, "max_tokens": 3}).status_code == 200
