@@ -10,9 +10,11 @@ _EXPORTS = {
     "TrainConfig": "mimo.train.config",
     "TrainConfigError": "mimo.train.config",
     "TrainError": "mimo.train.loop",
-    "TrainingDiverged": "mimo.train.loop",
+    "TrainingDiverged": "mimo.train.step",
     "copy_mtp_heads": "mimo.train.mtp",
     "evaluate": "mimo.train.loop",
+    "forward_backward": "mimo.train.step",
+    "optimizer_step": "mimo.train.step",
     "run": "mimo.train.loop",
     "train_step": "mimo.train.loop",
 }

@@ -38,9 +38,16 @@ class DataError(ValueError):
 
 @dataclass
 class Batch:
+    """What a loss function (train/step.py) gets. The LM objectives use the first three fields; RL fills the
+    rest from rollouts (mimo.posttrain.rollout)."""
+
     input_ids: torch.Tensor  # [B, T] int64
     labels: torch.Tensor  # [B, T] int64; labels[:, t] = input_ids[:, t + 1] of the unshifted row
     mask: torch.Tensor | None  # [B, T] bool: where the loss is on; None = everywhere
+    advantages: torch.Tensor | None = None  # [B] float32, one per sequence
+    old_logprobs: torch.Tensor | None = None  # [B, T] float32: the sampler's log-prob of labels[:, t]
+    loss_weights: torch.Tensor | None = None  # [B] float32, e.g. 1 / |y_i| (per-sequence normalisation)
+    routed_experts: torch.Tensor | None = None  # [B, T, n_moe_layers, K]: experts chosen at input position t
 
     @classmethod
     def from_packed(cls, rows: torch.Tensor) -> Batch:

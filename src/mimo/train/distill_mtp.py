@@ -12,6 +12,8 @@ code (prompt: a random 32-token span of a training file), generated once up fron
 the heads must draft at serving time (greedy decoding) rather than human-written code, as EAGLE and
 Medusa-2 train their draft heads on the target model's own outputs.
 
+The step is the shared trainer's (`step.forward_backward` with `distill_objective`, `step.optimizer_step`).
+
     mimo distill-mtp --model models/mimo-tiny --out models/mimo-tiny --steps 200
 """
 
@@ -24,6 +26,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .data import Batch
+from .step import LossOutput, forward_backward, optimizer_step
 
 GENERATED_PROMPT_LEN = 32  # tokens of training text each generated row continues
 
@@ -41,6 +46,12 @@ def distill_loss(model, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         losses.append(-(p * F.log_softmax(q, -1)).sum(-1).mean())
         agree.append(float((q.argmax(-1) == p.argmax(-1)).float().mean()))
     return torch.stack(losses).mean(), agree
+
+
+def distill_objective(model, batch) -> LossOutput:
+    """`distill_loss` on a packed batch's inputs, as a loss function for `step.forward_backward`."""
+    loss, agree = distill_loss(model, batch.input_ids)
+    return LossOutput(loss, {"loss": loss.detach(), **{f"agree{k}": torch.tensor(a) for k, a in enumerate(agree)}})
 
 
 def generated_rows(model, tok, texts: list[str], n_rows: int, length: int, prompt_len: int = GENERATED_PROMPT_LEN,
@@ -91,11 +102,11 @@ def run(model_dir: str, out: str, steps: int, batch_size: int = 16, seq_len: int
         gen_val = generated_rows(model, tok, corpus.texts("val"), batch_size, seq_len, seed=seed + 1)
     g = torch.Generator().manual_seed(seed)
 
-    def batch() -> torch.Tensor:
-        x = next(train)[:, :-1]
-        if n_gen:
-            x[:n_gen] = gen[torch.randint(gen.shape[0], (n_gen,), generator=g)]
-        return x
+    def batch() -> Batch:
+        rows = next(train)
+        if n_gen:  # a generated row of `seq_len` tokens is a packed row's inputs
+            rows[:n_gen, :-1] = gen[torch.randint(gen.shape[0], (n_gen,), generator=g)]
+        return Batch.from_packed(rows)
     for p in model.parameters():
         p.requires_grad_(False)
     heads = [p for p in model.model.mtp.parameters()]
@@ -114,16 +125,12 @@ def run(model_dir: str, out: str, steps: int, batch_size: int = 16, seq_len: int
     before = agreement(val_batches)
     before_gen = agreement([gen_val]) if n_gen else None
     t0 = time.perf_counter()
-    model.train()
     for step in range(1, steps + 1):
-        loss, agree = distill_loss(model, batch())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(heads, 1.0)
-        opt.step()
-        sched.step()
+        m = forward_backward(model, batch(), distill_objective).metrics
+        optimizer_step(model, opt, sched, float(m["loss"]), 1.0, step - 1)
         if step % log_every == 0 or step == steps:
-            print(json.dumps({"step": step, "loss": round(loss.item(), 4), "agree": [round(a, 3) for a in agree],
+            agree = [round(float(m[f"agree{k}"]), 3) for k in range(model.n_mtp)]
+            print(json.dumps({"step": step, "loss": round(float(m["loss"]), 4), "agree": agree,
                               "seconds": round(time.perf_counter() - t0, 1)}), file=sys.stderr)
     after = agreement(val_batches)
     model.eval()

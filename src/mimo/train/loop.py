@@ -1,4 +1,5 @@
-"""The training loop shared by every stage: `train_step()`, `evaluate()`, `run(cfg)`.
+"""The training loop shared by every stage: `train_step()`, `evaluate()`, `run(cfg)`; the step itself is
+`step.forward_backward` with the objective below (`lm_objective`) and `step.optimizer_step`.
 
 Objective of one optimizer step (sums over the global batch, divided by global counts; losses.py):
 
@@ -18,7 +19,6 @@ and for every (world size, grad_accum) split of the same global batch.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -37,6 +37,7 @@ from .config import TrainConfig
 from .data import Batch, DataError, StageData, build_corpus, load_tokenizer, train_tokenizer
 from .mtp import copy_mtp_heads, freeze_trunk
 from .optim import build_optimizer, build_scheduler
+from .step import LossFn, LossOutput, TrainingDiverged, forward_backward, optimizer_step
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
@@ -44,10 +45,6 @@ PLOT_FILE = "curves.png"
 
 class TrainError(ValueError):
     """Bad input to a training run (paths, configs, checkpoints); the message is one line for the user."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient became NaN/inf; the run stopped and kept its last good checkpoint."""
 
 
 # ---- model ------------------------------------------------------------------------------------------------
@@ -135,11 +132,41 @@ def _aux_sum(routing: RoutingRecord | None, B: int, T: int) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
+def lm_objective(n_heads: int, lm_w: float, mtp_w: float, aux_coef: float, counts: torch.Tensor,
+                 group_w: float, routers: bool) -> LossFn:
+    """The LM objective of the module docstring for one group of micro-batches, as a loss function.
+
+    counts: this group's global denominators [lm targets, mtp targets per head..., sequences]. Pretraining
+    (lm_w 1), the MTP stage (lm_w 0, mtp_w 1, frozen trunk) and SFT (masked labels, group_w = 1 - c for the
+    conversations and c for the code micro-batch) are all this function with different weights."""
+
+    def loss_fn(model, b: Batch) -> LossOutput:
+        routing = RoutingRecord() if routers else None
+        logits, mtp_logits = _forward(model, b, n_heads, routing)
+        lm = losses.masked_ce_sum(logits, b.labels, b.mask)
+        mtp = [losses.masked_ce_sum(mtp_logits[k], *losses.mtp_labels(b.labels, b.mask, k)) for k in range(n_heads)]
+        aux = _aux_sum(routing, *b.input_ids.shape)
+        obj = lm_w * lm / counts[0] + aux * (aux_coef / counts[-1] if routers else 0.0)
+        if n_heads:
+            obj = obj + mtp_w * sum(m / counts[1 + k] for k, m in enumerate(mtp)) / n_heads
+        obj = obj * group_w
+        with torch.no_grad():
+            metrics = {"lm": lm, "lm_correct": losses.masked_correct(logits, b.labels, b.mask)}
+            for k in range(n_heads):
+                metrics[f"mtp{k}"] = mtp[k]
+            for k in range(n_heads):
+                metrics[f"mtp{k}_correct"] = losses.masked_correct(mtp_logits[k],
+                                                                   *losses.mtp_labels(b.labels, b.mask, k))
+            metrics.update(aux=aux, objective=obj)
+        return LossOutput(obj, metrics, routing.ids if routing is not None else {})
+
+    return loss_fn
+
+
 def train_step(model, opt, sched, micro: list[Batch], cfg: TrainConfig, step: int,
                code: Batch | None = None, world_size: int = 1) -> dict[str, Any]:
     """One optimizer step over this rank's micro-batches (and the SFT code micro-batch); returns global
     metrics. Raises TrainingDiverged (before stepping) on a non-finite loss or gradient norm."""
-    model.train()
     n_heads = cfg.n_mtp_heads
     routers = {} if cfg.freeze_trunk else moe_routers(model)
     groups = [("main", micro)] + ([("code", [code])] if code is not None else [])
@@ -157,48 +184,18 @@ def train_step(model, opt, sched, micro: list[Batch], cfg: TrainConfig, step: in
     sums = torch.zeros(len(groups), 2 + 2 * n_heads + 2, dtype=torch.float64)
     loads = {l: torch.zeros(r.weight.shape[0], dtype=torch.float64) for l, r in routers.items()}
     for gi, (gname, bs) in enumerate(groups):
-        c = counts[gi]
+        loss_fn = lm_objective(n_heads, lm_w, mtp_w, cfg.aux_loss_coef, counts[gi], group_w[gname], bool(routers))
         for b in bs:
-            routing = RoutingRecord() if routers else None
-            logits, mtp_logits = _forward(model, b, n_heads, routing)
-            lm = losses.masked_ce_sum(logits, b.labels, b.mask)
-            mtp = [losses.masked_ce_sum(mtp_logits[k], *losses.mtp_labels(b.labels, b.mask, k))
-                   for k in range(n_heads)]
-            aux = _aux_sum(routing, *b.input_ids.shape)
-            obj = lm_w * lm / c[0] + aux * (cfg.aux_loss_coef / c[-1] if routers else 0.0)
-            if n_heads:
-                obj = obj + mtp_w * sum(m / c[1 + k] for k, m in enumerate(mtp)) / n_heads
-            obj = obj * group_w[gname]
-            # FSDP averages gradients over ranks; scaling by the world size makes them global sums
-            (obj * world_size).backward()
-            with torch.no_grad():
-                row = [lm, losses.masked_correct(logits, b.labels, b.mask)]
-                row += mtp + [losses.masked_correct(mtp_logits[k], *losses.mtp_labels(b.labels, b.mask, k))
-                              for k in range(n_heads)]
-                row += [aux, obj]
-                sums[gi] += torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in row])
-            if routing is not None:
-                for l, ids in routing.ids.items():
-                    loads[l] += losses.expert_counts(ids, loads[l].shape[0]).double()
+            out = forward_backward(model, b, loss_fn, world_size)
+            sums[gi] += torch.stack(list(out.metrics.values()))
+            for l, ids in out.expert_ids.items():
+                loads[l] += losses.expert_counts(ids, loads[l].shape[0]).double()
     sums = parallel.all_reduce_sum(sums)
     objective = float(sums[:, -1].sum())
-    if not math.isfinite(objective):
-        raise TrainingDiverged(f"non-finite loss ({objective}) at step {step + 1}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-    if not math.isfinite(gnorm):
-        raise TrainingDiverged(f"non-finite gradient norm ({gnorm}) at step {step + 1}")
-    lr = opt.param_groups[0]["lr"]
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    if routers:
-        for l in loads:
-            loads[l] = parallel.all_reduce_sum(loads[l])
-        losses.update_router_bias(routers, loads, cfg.bias_update_rate)
+    res = optimizer_step(model, opt, sched, objective, cfg.grad_clip, step, routers, loads, cfg.bias_update_rate)
 
-    m: dict[str, Any] = {"step": step + 1, "loss": objective, "lr": lr, "mtp_weight": mtp_w, "grad_norm": gnorm}
+    m: dict[str, Any] = {"step": step + 1, "loss": objective, "lr": res["lr"], "mtp_weight": mtp_w,
+                         "grad_norm": res["grad_norm"]}
     for gi, (gname, _) in enumerate(groups):
         s, c = sums[gi], counts[gi]
         prefix = "" if gname == "main" else "code_"
