@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mimo.engine.config import EngineConfig, SamplingParams
+from mimo.engine.config import DEFAULT_MODEL, EngineConfig, SamplingParams
 from mimo.engine.kv_cache import KVCache
 from mimo.engine.planner import build_block_manager
 from mimo.engine.runner import ModelRunner, MTPState
@@ -47,8 +47,6 @@ from mimo.engine.scheduler import ScheduledSeq, Scheduler
 from mimo.engine.sequence import Sequence, SequenceStatus
 from mimo.engine.speculative import accept_greedy, accept_sampled
 from mimo.model.moe import MoE, Routing
-
-DEFAULT_MODEL = Path(__file__).resolve().parents[3] / "models" / "mimo-tiny"
 
 
 @dataclass
