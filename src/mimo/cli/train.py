@@ -1,4 +1,5 @@
-"""`mimo pretrain | sft | eval | recipe | export | distill-mtp`: training stages, whole recipes, evaluation.
+"""`mimo pretrain | sft | eval | recipe | export | distill-mtp | rl`: training stages, whole recipes, evaluation,
+GRPO.
 
 Bad input leaves anything already written untouched. Under `torchrun ... -m mimo.cli pretrain ...` every rank
 runs the same command and rank 0 prints the summary.
@@ -17,6 +18,8 @@ from pathlib import Path
 from mimo.cli import (
     Command,
     UserError,
+    nonnegative_float,
+    nonnegative_int,
     positive_float,
     positive_int,
     progress_bar,
@@ -268,6 +271,78 @@ def distill_mtp(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- RL --------------------------------------------------------------------------------------------------
+
+def _domains(text: str) -> tuple[str, ...]:
+    from mimo.posttrain.rewards import parse_domains
+
+    try:
+        return parse_domains(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _rl_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="default", help="named RL settings in mimo.posttrain.loop (default, debug)")
+    p.add_argument("--init-from", metavar="DIR", help="starting weights with tokenizer.json: a model, run or "
+                   "checkpoint directory (default: the bundled model)")
+    p.add_argument("--out", help="run directory (default: runs/rl)")
+    p.add_argument("--resume", metavar="DIR", help="continue from a run directory or checkpoint directory")
+    p.add_argument("--domains", type=_domains, help="comma-separated prompt mixture (default: add,reverse,sort)")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps = rollout batches")
+    p.add_argument("--stop-after", type=positive_int, metavar="N", help="stop (with a checkpoint) after step N")
+    p.add_argument("--prompts-per-step", type=positive_int, help="prompts per rollout batch (all ranks)")
+    p.add_argument("--group-size", type=positive_int, help="samples per prompt (G)")
+    p.add_argument("--max-new-tokens", type=positive_int)
+    p.add_argument("--temperature", type=positive_float)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--eps-low", type=unit_fraction, help="IS mask: drop tokens with trainer/sampler ratio below")
+    p.add_argument("--eps-high", type=positive_float, help="IS mask: drop tokens with ratio above")
+    p.add_argument("--mtp-weight", type=nonnegative_float, help="MTP head loss on the rollouts (0 = heads frozen)")
+    p.add_argument("--drafts", type=nonnegative_int, dest="num_speculative_tokens", help="MTP drafts per rollout "
+                   "step (default: every head)")
+    p.add_argument("--no-routing-replay", action="store_true", help="route afresh in the training forward")
+    p.add_argument("--eval-every", type=positive_int)
+    p.add_argument("--eval-n", type=positive_int, help="held-out prompts per domain for the greedy eval")
+    p.add_argument("--ckpt-every", type=positive_int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=positive_int)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def rl(args: argparse.Namespace) -> int:
+    from mimo.posttrain.loop import RLConfigError, preset
+
+    kw = {name: getattr(args, name) for name in ("init_from", "out", "domains", "steps", "prompts_per_step",
+                                                  "group_size", "max_new_tokens", "temperature", "lr", "eps_low",
+                                                  "eps_high", "mtp_weight", "num_speculative_tokens", "eval_every",
+                                                  "eval_n", "ckpt_every", "seed") if getattr(args, name) is not None}
+    if args.no_routing_replay:
+        kw["routing_replay"] = False
+    if args.no_progress:
+        kw["progress"] = False
+    if "init_from" not in kw:
+        kw["init_from"] = text_model_dir(None, "mimo rl")
+    with user_errors(RLConfigError):
+        cfg = preset(args.preset, **kw)
+    set_threads(args.threads)
+    from mimo.posttrain.loop import run
+    from mimo.posttrain.rewards import RewardError
+    from mimo.train import parallel
+    from mimo.train.step import TrainingDiverged
+
+    try:
+        with user_errors(*_train_errors()):
+            summary = run(cfg, resume=args.resume, stop_after=args.stop_after)
+    except (TrainingDiverged, RewardError) as e:
+        return _diverged(e)
+    finally:
+        parallel.shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("model", "tokenizer")}))
+    return 0
+
+
 COMMANDS = (
     Command("pretrain", "pretraining stage of a recipe, or --stage mtp (1 MTP head -> 3, trunk frozen)",
             _stage_args(("pretrain", "mtp")), train_stage),
@@ -278,4 +353,6 @@ COMMANDS = (
     Command("export", "evaluate a finished recipe run and write its model + model card", _export_args, export),
     Command("distill-mtp", "train the MTP heads to imitate the main model (faster drafts)", _distill_args,
             distill_mtp),
+    Command("rl", "GRPO on the task verifiers, rollouts through the engine (MTP drafts, routing replay)", _rl_args,
+            rl),
 )

@@ -6,6 +6,7 @@ Per query row of the main model, with S_full / S_sliding keys visible in full / 
     attention projections  2 D (H Dq + Kv Dq + Kv Dv) + 2 H Dv D          per layer (shapes per layer type)
     attention              2 H S (Dq + Dv)                                QK^T and PV over the S keys
     FFN                    dense 2 * 3 D I;  MoE 2 D E (router) + 2 * k * 3 D I_moe (k active experts)
+                           + 2 k D (the weighted sum of the k expert outputs)
     lm_head                2 D V                                          only for rows whose logits are used
 An MTP block row: eh_proj 2 * 2D * D, one sliding attention layer, a dense FFN, lm_head.
 
@@ -61,7 +62,8 @@ def forward_flops(cfg: ModelConfig, start: int, n: int, logit_rows: int = 0) -> 
         if cfg.mlp_types[i] == DENSE:
             total += n * 2 * 3 * D * cfg.intermediate_size
         else:
-            total += n * (2 * D * cfg.n_experts + 2 * cfg.n_active_experts * 3 * D * cfg.moe_intermediate_size)
+            k = cfg.n_active_experts
+            total += n * (2 * D * cfg.n_experts + 2 * k * 3 * D * cfg.moe_intermediate_size + 2 * k * D)
     return total + logit_rows * lm_head_flops(cfg)
 
 

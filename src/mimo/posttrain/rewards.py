@@ -15,6 +15,8 @@ from mimo import tasks as task_lib
 
 DOMAINS = task_lib.TASKS
 Verifier = Callable[[task_lib.Example, str], float]
+# the outcome reward of each domain: 1.0 for an exact match, else 0.0
+VERIFIERS: dict[str, Verifier] = dict.fromkeys(DOMAINS, task_lib.reward)
 
 
 class RewardError(RuntimeError):
@@ -46,11 +48,11 @@ def step_examples(domains: Sequence[str], n: int, seed: int, step: int, split: s
     return [next(drawn[order[i % len(order)]]) for i in range(n)]
 
 
-def score(example: task_lib.Example, completion: str, verifier: Verifier = task_lib.reward) -> float:
-    """The verifier's reward for one completion; RewardError (one line, naming the prompt) if it raises or
-    returns a non-finite value."""
+def score(example: task_lib.Example, completion: str) -> float:
+    """The domain verifier's reward for one completion; RewardError (one line, naming the prompt) if it
+    raises or returns a non-finite value."""
     try:
-        r = float(verifier(example, completion))
+        r = float(VERIFIERS[example.task](example, completion))
     except Exception as e:  # noqa: BLE001 - any verifier failure is reported the same way
         raise RewardError(f"the {example.task} verifier raised {type(e).__name__}: {e} "
                           f"(prompt {example.prompt!r}, completion {completion!r})") from None

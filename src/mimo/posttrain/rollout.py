@@ -21,7 +21,7 @@ from mimo import tasks as task_lib
 from mimo.engine import LLM, SamplingParams
 from mimo.train.data import Batch
 
-from .rewards import Verifier, score
+from .rewards import score
 
 
 @dataclass
@@ -67,8 +67,7 @@ def completion_text(tokenizer, ids: list[int]) -> str:
 
 
 def generate_rollouts(llm: LLM, tokenizer, examples: list[task_lib.Example], group_size: int, seeds: list[int],
-                      max_tokens: int, temperature: float = 1.0, verifier: Verifier = task_lib.reward
-                      ) -> RolloutBatch:
+                      max_tokens: int, temperature: float = 1.0) -> RolloutBatch:
     """`group_size` samples of each example (sample j of example i seeded seeds[i] + j), scored."""
     keys = ("prompt_tokens", "generated_tokens", "drafted_tokens", "accepted_tokens", "verify_steps")
     before = llm.stats()
@@ -85,7 +84,7 @@ def generate_rollouts(llm: LLM, tokenizer, examples: list[task_lib.Example], gro
         text = completion_text(tokenizer, o.token_ids)
         rollouts.append(Rollout(ex, o.prompt_token_ids, o.token_ids, [lp.logprob for lp in o.logprobs],
                                 o.routed_experts, text, o.metrics.num_drafted, o.metrics.num_accepted,
-                                score(ex, text, verifier)))
+                                score(ex, text)))
     return RolloutBatch(rollouts, group_size, seconds, {k: after[k] - before[k] for k in keys})
 
 
