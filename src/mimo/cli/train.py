@@ -321,7 +321,7 @@ def rl(args: argparse.Namespace) -> int:
         kw["routing_replay"] = False
     if args.no_progress:
         kw["progress"] = False
-    if "init_from" not in kw:
+    if "init_from" not in kw:  # a run directory is fine too (its latest checkpoint): run() checks what is given
         kw["init_from"] = text_model_dir(None, "mimo rl")
     with user_errors(RLConfigError):
         cfg = preset(args.preset, **kw)

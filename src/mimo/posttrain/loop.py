@@ -36,6 +36,7 @@ import torch
 from mimo import tasks as task_lib
 from mimo.checkpoint import CheckpointError, load_model, save_model
 from mimo.engine import LLM, SamplingParams
+from mimo.engine.config import DEFAULT_MODEL
 from mimo.model.config import ConfigError
 from mimo.model.moe import MoE
 from mimo.train import checkpoint as ckpt_io
@@ -61,7 +62,7 @@ class RLConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RLConfig:
-    init_from: str = "models/mimo-tiny"  # model directory (with tokenizer.json), run or checkpoint directory
+    init_from: str = str(DEFAULT_MODEL)  # model directory (with tokenizer.json), run or checkpoint directory
     out: str = "runs/rl"
     domains: tuple[str, ...] = DOMAINS
     steps: int = 50
