@@ -291,9 +291,12 @@ def run(cfg: RLConfig, resume: str | Path | None = None, stop_after: int | None 
     random.seed(cfg.seed)
 
     engine_model = copy.deepcopy(model)
-    llm = LLM(engine_model, tokenizer=tokenizer, num_speculative_tokens=cfg.num_speculative_tokens,
-              max_num_seqs=max(64, cfg.prompts_per_step // W * cfg.group_size), max_model_len=128 + cfg.max_new_tokens,
-              max_num_batched_tokens=2048, seed=cfg.seed)
+    try:
+        llm = LLM(engine_model, tokenizer=tokenizer, num_speculative_tokens=cfg.num_speculative_tokens,
+                  max_num_seqs=max(64, cfg.prompts_per_step // W * cfg.group_size),
+                  max_model_len=128 + cfg.max_new_tokens, max_num_batched_tokens=2048, seed=cfg.seed)
+    except ValueError as e:  # e.g. more drafts than the model has MTP heads
+        raise TrainError(f"rollout engine: {e}") from None
     model = parallel.apply_parallelism(model, W)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, foreach=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
