@@ -44,7 +44,7 @@ def main(out: str) -> None:
     cfg = RLConfig(lr=1e-3, mtp_weight=0.1)
     opt = torch.optim.AdamW(param_groups(model, 0.0), lr=cfg.lr, betas=cfg.betas, foreach=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    metrics = update_on_rollouts(model, opt, sched, mine, cfg, 0, 0, info.world_size)
+    metrics, _ = update_on_rollouts(model, opt, sched, mine, cfg, 0, 0, info.world_size)
     state = parallel.full_model_state(model)
     if info.is_main:
         torch.save({"init": init, "state": state, "metrics": metrics}, out)

@@ -145,9 +145,10 @@ def moe_layer_ids(model: torch.nn.Module) -> list[int]:
 
 
 def update_on_rollouts(model, opt, sched, rb: RolloutBatch, cfg: RLConfig, step: int, pad_id: int,
-                       world_size: int = 1) -> dict[str, Any]:
-    """Steps 3-4 of the module docstring on this rank's rollouts; returns global metrics (with "skipped"
-    naming the reason when there was no update). Raises TrainingDiverged before stepping on a NaN."""
+                       world_size: int = 1) -> tuple[dict[str, Any], tuple[float, float] | None]:
+    """Steps 3-4 of the module docstring on this rank's rollouts. Returns (global metrics, the global
+    (forward, backward) FLOPs of the update), or (metrics with "skipped" naming the reason, None) when there
+    was no update. Raises TrainingDiverged before stepping on a NaN."""
     G = cfg.group_size
     rewards = rb.rewards
     adv = grpo.group_advantages(rewards, G)
@@ -157,7 +158,7 @@ def update_on_rollouts(model, opt, sched, rb: RolloutBatch, cfg: RLConfig, step:
     m: dict[str, Any] = {"zero_variance_groups": n_flat}
     if n_flat == n_groups:
         m["skipped"] = f"zero reward variance: all {n_groups} groups have equal rewards, no update"
-        return m
+        return m, None
     batch = build_batch(rb.rollouts, adv, pad_id)
     n_heads = model.n_mtp if cfg.mtp_weight > 0 else 0
     counts = torch.tensor([batch.input_ids.shape[0]] + [int(batch.mask[:, k + 1:].sum()) for k in range(n_heads)],
@@ -179,8 +180,8 @@ def update_on_rollouts(model, opt, sched, rb: RolloutBatch, cfg: RLConfig, step:
         m["mtp_acc"] = [s[f"mtp{k}_correct"] / max(float(counts[1 + k]), 1.0) for k in range(n_heads)]
     B, T = batch.input_ids.shape
     fwd, bwd = flop_lib.training_flops(model.config, B, T, n_heads)
-    m["_train_flops"] = parallel.all_reduce_sum(torch.tensor([fwd, bwd], dtype=torch.float64)).tolist()
-    return m
+    fwd, bwd = parallel.all_reduce_sum(torch.tensor([fwd, bwd], dtype=torch.float64)).tolist()
+    return m, (fwd, bwd)
 
 
 def greedy_accuracy(llm: LLM, tokenizer, domains, n: int, seed: int, max_tokens: int) -> tuple[dict, int]:
@@ -366,9 +367,9 @@ def run(cfg: RLConfig, resume: str | Path | None = None, stop_after: int | None 
             ledger.add("rollout", glob[0])
             totals["rollout_tokens"] += int(glob[4])
             totals["rollout_seconds"] += rb.seconds
-            m = update_on_rollouts(model, opt, sched, rb, cfg, step, tokenizer.pad_id, W)
-            if "_train_flops" in m:
-                fwd, bwd = m.pop("_train_flops")
+            m, train_flops = update_on_rollouts(model, opt, sched, rb, cfg, step, tokenizer.pad_id, W)
+            if train_flops is not None:
+                fwd, bwd = train_flops
                 ledger.add("logprob", fwd)
                 ledger.add("backward", bwd)
                 llm.update_weights(_full_state_everywhere(model) if W > 1 else model)
