@@ -14,7 +14,9 @@ import itertools
 def oracle_drafts(llm, refs: dict[tuple[int, ...], list[int]]) -> None:
     """Wrap `llm.runner.draft` so its drafts come from refs[prompt] (the greedy continuation of that prompt).
 
-    The real drafting round still runs first (its MTP caches stay exercised), then the drafts are overwritten.
+    The real drafting round still runs first (its MTP caches and adaptive skips stay exercised), then the
+    drafts of every sequence the engine asked for are overwritten, nd of them whatever the adaptive policy
+    chose, so every acceptance length is reached.
     Round r of a sequence drafting nd tokens makes draft (nd - r % (nd + 1)) wrong: the first round proposes
     all nd correctly, the next nd - 1, ..., then none, and again.
     """
@@ -22,8 +24,8 @@ def oracle_drafts(llm, refs: dict[tuple[int, ...], list[int]]) -> None:
     V = llm.model.config.vocab_size
     rounds: dict[str, itertools.count] = {}
 
-    def draft(seqs, states, nds):
-        real(seqs, states, nds)
+    def draft(seqs, states, nds, floors=None, private=None):
+        real(seqs, states, nds, floors, private)
         for seq, st, nd in zip(seqs, states, nds):
             r = next(rounds.setdefault(seq.request_id, itertools.count()))
             ref = refs[tuple(seq.prompt_token_ids)]

@@ -1,6 +1,7 @@
 """Engine vs reference: greedy identity (batching, chunked prefill, preemption, window), MTP on == off,
 draft consistency, exact sampled distribution, seeds, and bad input."""
 
+import itertools
 import math
 
 import pytest
@@ -94,33 +95,70 @@ def test_preemption_by_tiny_pool_keeps_greedy_output(model, k):
     assert llm.block_manager.usage().full_used == 0 and llm.block_manager.usage().sliding_used == 0
 
 
-def _drafts_from_scratch(model, tokens, n_drafts):
-    """Non-chain drafting by the definition: block k at t reads (h_t, x_{t+k+1}), drafts appended in turn."""
+def _drafts_from_scratch(model, tokens, n_drafts, vocab=None):
+    """Non-chain drafting by the definition: block k at t reads (h_t, x_{t+k+1}), drafts appended in turn;
+    with `vocab`, each head's argmax is taken among those ids only."""
     n = len(tokens) - 1
     with torch.no_grad():
         h = model.forward_hidden(torch.tensor([tokens[:n]]))
         ext = list(tokens)
         for k in range(n_drafts):
             toks = ext[k + 1:n + k + 1]
-            logits = model.mtp_forward(k, h, torch.tensor([toks]))
-            ext.append(int(logits[0, -1].argmax()))
+            logits = model.mtp_forward(k, h, torch.tensor([toks]))[0, -1]
+            ext.append(int(logits.argmax()) if vocab is None else vocab[int(logits[vocab].argmax())])
     return ext[n + 1:]
 
 
-def test_mtp_drafts_equal_recomputation_from_scratch(model):
-    """The incremental MTP caches (window, re-extension after rejections) give the drafts the definition does."""
-    llm = _engine(model, num_speculative_tokens=3)
+# floors per step: 0 drafts every head, 2 skips the round (no estimate reaches it); runs of skipped steps
+# longer than the window (9) make the blocks catch up from a window back
+FLOORS = [0.0] * 3 + [2.0] * 12 + [0.0] + [2.0] * 3 + [0.0] * 2 + [2.0]
+
+
+@pytest.mark.parametrize("draft_vocab", [None, 200])
+def test_mtp_drafts_equal_recomputation_from_scratch(model, monkeypatch, draft_vocab):
+    """The incremental MTP caches (window, re-extension after rejections, catch-up after rounds the adaptive
+    policy skipped) give the drafts the definition does; also with a reduced draft vocabulary."""
+    steps = itertools.count()
+    floor = [0.0]
+    monkeypatch.setattr(llm_mod, "draft_floor", lambda batch: floor[0])
+    llm = _engine(model, num_speculative_tokens=3, max_model_len=200, draft_vocab_size=draft_vocab)
+    vocab = None if draft_vocab is None else list(range(draft_vocab))
     prompt = _prompts(model, (13,), seed=3)[0]
-    llm.add_request("x", prompt, SamplingParams(max_tokens=40, temperature=0))
-    checked = 0
+    llm.add_request("x", prompt, SamplingParams(max_tokens=120, temperature=0))
+    checked = skipped = 0
     while llm.has_unfinished_requests():
+        floor[0] = FLOORS[next(steps) % len(FLOORS)]
         llm.step()
         seq = llm.scheduler.get("x")
         if seq is None or seq.is_prefill:
             continue
-        assert llm._mtp["x"].drafts == _drafts_from_scratch(model, seq.all_token_ids, 3)
-        checked += 1
-    assert checked >= 5
+        drafts = llm._mtp["x"].drafts
+        if floor[0] == 0.0:
+            assert drafts == _drafts_from_scratch(model, seq.all_token_ids, 3, vocab)
+            checked += 1
+        else:
+            assert drafts == []
+            skipped += 1
+    assert checked >= 10 and skipped >= 40
+
+
+def test_reduced_draft_vocabulary_drafts_only_its_ids_and_keeps_greedy_output(model):
+    """FR-Spec: heads draft among the first ids only (the full head verifies); the output is unchanged."""
+    prompts = _prompts(model, (5, 30), seed=7)
+    off = _engine(model, num_speculative_tokens=0).generate(prompts, GREEDY)
+    llm = _engine(model, num_speculative_tokens=3, draft_vocab_size=64)
+    proposed = []
+    real = llm.runner.draft
+
+    def spy(seqs, states, nds, floors=None, private=None):
+        real(seqs, states, nds)  # the whole chain, so every head's pick is seen
+        proposed.extend(t for st in states for t in st.drafts)
+
+    llm.runner.draft = spy
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == [o.token_ids for o in off]
+    assert proposed and all(t < 64 for t in proposed)
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        _engine(model, draft_vocab_size=0)
 
 
 def _exact_joint(model, prompt, length, temperature, top_k=None, top_p=None):
@@ -174,6 +212,8 @@ def test_sampled_mtp_matches_model_distribution_and_broken_rule_fails(monkeypatc
     T, K, P, N, L = 1.3, 3, 0.9, 2500, 4
     exact = _exact_joint(model, prompt, L, T, K, P)
     assert int((exact == 0).sum()) > 0, "the filter removes nothing: the test would not see it ignored"
+    # the random heads' drafts would not pay: adaptive drafting off, so every step verifies 3 drafts
+    monkeypatch.setattr(llm_mod, "draft_floor", lambda batch: 0.0)
 
     def run():
         llm = _engine(model, num_speculative_tokens=3, max_num_seqs=64, max_num_batched_tokens=512)

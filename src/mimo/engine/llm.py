@@ -33,7 +33,7 @@ import torch
 from mimo.engine.config import DEFAULT_MODEL, EngineConfig, SamplingParams
 from mimo.engine.kv_cache import KVCache
 from mimo.engine.planner import build_block_manager
-from mimo.engine.runner import ModelRunner, MTPState
+from mimo.engine.runner import ModelRunner, MTPState, draft_floor
 from mimo.engine.sampler import (
     TokenLogprobs,
     compute_logprobs,
@@ -173,7 +173,7 @@ class LLM:
                  max_model_len: int | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
                  tokenizer: Any = None, max_num_batched_tokens: int = 1024, block_size: int = 16,
                  num_full_blocks: int | None = None, num_sliding_blocks: int | None = None,
-                 kv_cache_bytes: int | None = None, seed: int = 0):
+                 kv_cache_bytes: int | None = None, seed: int = 0, draft_vocab_size: int | None = None):
         model, tok = _load(model, dtype, device)
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer if tokenizer is not None else tok
@@ -201,7 +201,8 @@ class LLM:
                              dtype=next(self.model.parameters()).dtype, device=device)
         eos = getattr(self.tokenizer, "eos_id", None) if self.tokenizer is not None else cfg.eos_token_id
         self.scheduler = Scheduler(self.config, self.block_manager, eos_token_id=eos)
-        self.runner = ModelRunner(self.model, self.cache, device)
+        # draft_vocab_size: the MTP heads draft among this many most frequent ids (runner; None = its default)
+        self.runner = ModelRunner(self.model, self.cache, device, draft_vocab_size)
         self._rng = torch.Generator().manual_seed(seed)
         self._gens: dict[str, torch.Generator | None] = {}
         self._mtp: dict[str, MTPState] = {}
@@ -469,7 +470,10 @@ class LLM:
                 states.append(self._mtp[seq.request_id])
                 nds.append(min(k, self.model.n_mtp))
         if seqs:
-            self.runner.draft(seqs, states, nds)
+            # adaptive: each request drafts while its drafts pay for their cost at this batch size; a seeded
+            # sampled request decides from its own history only, so its tokens do not depend on the batch
+            private = [s.sampling_params.seed is not None and not s.sampling_params.is_greedy for s in seqs]
+            self.runner.draft(seqs, states, nds, [draft_floor(1 if p else len(seqs)) for p in private], private)
 
     def _keep_routed(self, sid: str, start: int, rows: torch.Tensor) -> None:
         chunks = self._routed.setdefault(sid, [])

@@ -10,31 +10,84 @@ MTP drafting, non-chain, as SGLang runs MiMo-V2-Flash (engine-notes §4.2). With
   tokens beyond x_n are the drafts made earlier in the same round: block 0 drafts d1 = x_{n+1}, block 1 reads
   d1 at t = n - 1 and drafts d2, block 2 reads d1 at t = n - 2 and d2 at t = n - 1 and drafts d3.
 An entry of block k at position t is final once x_{t+k+1} is committed, i.e. for t < n - k; entries from
-drafts are recomputed in the next round, which starts block k at its first non-final position (its
-`valid` mark). An MTP block is a single layer, so its K/V at t depend on its inputs at t only: after a
-prefill of P tokens only positions >= P - W are computed (no later query reads older keys).
+drafts are recomputed in the next round that runs block k, which starts at its first non-final position (its
+`valid` mark). An MTP block is a single layer, so its K/V at t depend on its inputs at t only, and only the
+output of the last row (t = n - 1, which reads keys [n - W, n)) is used: the rows before it are run only to
+write their K/V. So a block may skip rounds (adaptive drafting) and catch up later from max(valid, n - W),
+and no row reads keys below n - W (they may be freed or never computed).
+
+Reduced draft vocabulary (FR-Spec, Zhao et al. 2025): the heads pick their argmax among the `draft_vocab`
+most frequent token ids only (byte-level BPE ids are in merge order, which follows frequency), so the
+drafting lm_head reads a quarter of the weights. Verification uses the full head, so outputs do not change;
+a draft outside the set is just never proposed. `draft_vocab_size=V` is the full-vocabulary reference.
+
+Adaptive drafting: each draft comes with its head probability c, turned into an acceptance estimate
+a = min(1, rate_k(c) f): rate_k(c) is head k's recent acceptance rate (all requests) among drafts of about
+that probability (`BUCKETS`), f how the request's own drafts fared against their estimates recently; the
+chain estimate P_i is the product of a over d_1..d_i. A draft joins the verify
+step only if it raises the expected tokens per unit of step cost: P_i >= f (1 + P_1 + .. + P_{i-1}) /
+(1 + f (i - 1)), f = the cost of one draft in plain decode steps (`draft_floor`, growing with the batch); the
+first draft that fails ends the sequence's chain and its later blocks do not run. A block runs only if its
+draft's expected estimate (the request's recent estimates for that block) passes the same rule, so a
+request whose expected first draft does not pay skips drafting, probing again every `PROBE_EVERY` steps. Greedy
+output does not depend on any of this (verification decides); sampled output stays exact because the drafts
+are still argmax picks (a point mass q) and how many are proposed depends only on what is already known.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from mimo.engine.kv_cache import KVCache, Segment
 from mimo.engine.sequence import Sequence
 
+DECAY = 0.9  # per verify step, for a request's factor: about its last ten steps count
+HEAD_DECAY = 0.98  # per examined draft, for a head's calibration (all requests): about the last fifty per bucket
+BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)  # head-probability buckets of the calibration
+PRIOR_RATE = 0.7  # acceptance rate a bucket starts from: optimistic, so new heads get to draft and be measured
+FIRST_DECAY = 0.7  # per round, for a request's estimate of a block's draft: a probe that pays resumes soon
+RETRY = 0.05  # per skipped block: how fast a block's low estimate drifts back up so the block is retried
+PRIOR = 2.0  # pseudo-drafts a request's factor starts from (factor 1)
+PROBE_EVERY = 8  # a request that skips drafting tries again after this many steps
+
+
+def draft_floor(batch: int) -> float:
+    """Cost of one more draft (its verify row and its head's block) in plain decode steps, at `batch`
+    drafting sequences. Measured on the default model (CPU, 1 thread): at batch 1 a plain step is 3.3 ms, a
+    verify row adds 0.7 ms (the MoE layers read the weights of more experts) and a head's block 0.8 ms, so
+    about 0.45; as the verify rows of a large batch turn into real compute it rises towards 0.8."""
+    return 0.45 + 0.35 * batch / (batch + 16)
+
+
+def default_draft_vocab_size(vocab_size: int) -> int:
+    """A quarter of the vocabulary, at least 1024 ids (all of them for small vocabularies)."""
+    return vocab_size if vocab_size <= 1024 else max(1024, vocab_size // 4)
+
 
 @dataclass
 class MTPState:
-    """Per-sequence drafting state: recent main hidden states and each block's first non-final position."""
+    """Per-sequence drafting state: recent main hidden states, each block's first non-final position, and
+    the acceptance calibration of adaptive drafting."""
 
     h: torch.Tensor | None = None  # [L, D] hidden states of positions [h_start, h_start + L)
     h_start: int = 0
     valid: list[int] = field(default_factory=list)  # per block: entries at positions < valid[k] are final
     kv_lo: int = 0  # first position the MTP blocks ever computed (the same for all blocks)
     drafts: list[int] = field(default_factory=list)  # drafts for the next verify step
+    probs: list[float] = field(default_factory=list)  # each draft's probability under its head
+    ests: list[float] = field(default_factory=list)  # each draft's acceptance estimate, given the ones before
+    hits: float = 0.0  # decayed count of this request's accepted drafts
+    expect: float = 0.0  # decayed sum of the estimates of the drafts verification examined
+    own: list[float] = field(default_factory=lambda: [PRIOR_RATE * PRIOR, PRIOR])  # decayed (accepted, examined)
+    # decayed acceptance estimate of the draft of each block (from 1): whether running the block pays
+    mean_a: list[float] = field(default_factory=list)
+    seen: tuple[int, int, int] | None = None  # the sequence's (verify steps, drafted, accepted) folded in
+    skipped: int = 0  # drafting rounds skipped in a row
 
     def append(self, start: int, rows: torch.Tensor, keep_from: int) -> None:
         """Add hidden rows of positions [start, start + len(rows)), dropping rows before keep_from."""
@@ -49,13 +102,61 @@ class MTPState:
     def rows(self, lo: int, hi: int) -> torch.Tensor:
         return self.h[lo - self.h_start:hi - self.h_start]
 
+    @property
+    def own_rate(self) -> float:
+        """This request's recent acceptance rate of examined drafts (its own history only)."""
+        return self.own[0] / self.own[1]
+
+    @property
+    def factor(self) -> float:
+        """How this request's drafts fare against the estimates (1 until it has some history)."""
+        return (self.hits + PRIOR) / (self.expect + PRIOR)
+
+    def observe(self, seq: Sequence) -> list[tuple[int, float, bool]]:
+        """Fold the outcome of the verify step of the last drafts into the request's factor; returns the
+        examined drafts (position, head probability, accepted): the accepted ones and the first rejected one."""
+        now = (seq.num_verify_steps, seq.num_draft_tokens, seq.num_accepted_tokens)
+        seen, self.seen = self.seen, now
+        if seen is None or now[0] == seen[0] or not self.probs:
+            return []
+        verified, accepted = now[1] - seen[1], now[2] - seen[2]
+        m = min(accepted + 1, verified, len(self.probs))  # drafts proposed by someone else carry no estimate
+        self.hits = DECAY * self.hits + accepted
+        self.expect = DECAY * self.expect + sum(self.ests[:m])
+        self.own = [DECAY * self.own[0] + min(accepted, m), DECAY * self.own[1] + m]
+        return [(j, self.probs[j], j < accepted) for j in range(m)]
+
+    def wants_round(self, floor: float, private: bool = False) -> bool:
+        """Whether to draft this step: the expected first draft pays for itself, or a probe is due."""
+        if (self.own_rate if private else self.mean_a[0]) >= floor or self.skipped >= PROBE_EVERY:
+            self.skipped = 0
+            return True
+        self.skipped += 1
+        return False
+
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, device: torch.device | str = "cpu"):
+    def __init__(self, model, cache: KVCache, device: torch.device | str = "cpu",
+                 draft_vocab_size: int | None = None):
         self.model = model
         self.cache = cache
         self.device = torch.device(device)
         self.window = model.config.sliding_window
+        V = model.config.vocab_size
+        n = default_draft_vocab_size(V) if draft_vocab_size is None else draft_vocab_size
+        if not isinstance(n, int) or not 1 <= n <= V:
+            raise ValueError(f"draft_vocab_size must be an integer in [1, {V}], got {n!r}")
+        ids = list(range(n))
+        eos = model.config.eos_token_id
+        if eos is not None and eos >= n:
+            ids.append(eos)  # the end of a request is worth drafting whatever its id
+        # None: the full head, the reference the reduced one is tested against
+        self.draft_ids = None if n == V else torch.tensor(ids, device=self.device)
+        self._head: tuple[int, torch.Tensor] | None = None  # (weights version, lm_head rows of draft_ids)
+        # per head and head-probability bucket: decayed (accepted, examined) drafts over all requests, from an
+        # optimistic prior; the heads' probabilities are not acceptance rates (distilled heads are
+        # underconfident: probability-0.2 drafts were accepted 9 times in 10 on code, 4 in 10 on chat tasks)
+        self.calib = [[[PRIOR_RATE, 1.0] for _ in range(len(BUCKETS) + 1)] for _ in range(model.n_mtp)]
 
     def forward(self, items: list[tuple[Sequence, int, list[int]]], routing=None) -> torch.Tensor:
         """items: (seq, start position, query token ids). Returns pre-norm hidden states [N, D]; `routing`
@@ -72,32 +173,78 @@ class ModelRunner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden).float()
 
-    def draft(self, seqs: list[Sequence], states: list[MTPState], num_drafts: list[int]) -> None:
-        """One drafting round: fills states[i].drafts with num_drafts[i] greedy MTP drafts.
+    def draft_head(self) -> torch.Tensor:
+        """lm_head rows of the draft vocabulary, re-sliced when the model's weights change."""
+        w = self.model.lm_head.weight
+        if self.draft_ids is None:
+            return w
+        version = self.model.weights_version
+        if self._head is None or self._head[0] != version:
+            self._head = (version, w[self.draft_ids].contiguous())
+        return self._head[1]
 
-        Every block of a sequence runs over the same positions [lo, n), lo = the oldest non-final entry of any
-        of its blocks, so one step view serves all blocks; re-running a final entry rewrites the same K/V.
+    def draft(self, seqs: list[Sequence], states: list[MTPState], num_drafts: list[int],
+              floors: list[float] | None = None, private: list[bool] | None = None) -> None:
+        """One drafting round: fills states[i].drafts (and .probs) with up to num_drafts[i] greedy MTP drafts.
+
+        floors[i] (default None: always num_drafts[i] drafts) turns on adaptive drafting (module docstring):
+        the sequence's last verify outcome is folded into its calibration, it skips the round while its
+        expected first draft is below floors[i], and its chain ends at the first draft whose chain estimate is
+        below floors[i], that draft dropped. private[i]: estimate from the sequence's own history only (a
+        seeded sampled request: how many drafts it verifies decides which random draws make its tokens, so
+        that must not depend on other requests).
+
+        Block k of a sequence runs over [lo_k, n), lo_k = max(its first non-final entry, n - W). Blocks that
+        ran last round are a few positions behind and share the oldest of their lo's, so one step view serves
+        them (re-running a final entry rewrites the same K/V); a block that skipped rounds catches up alone.
         """
-        W = self.window
-        los = []
-        for seq, st, nd in zip(seqs, states, num_drafts):
-            n = seq.num_computed_tokens
+        W, n_mtp = self.window, self.model.n_mtp
+        n_of = [seq.num_computed_tokens for seq in seqs]
+        own = private if private is not None else [False] * len(seqs)
+        for st in states:
+            if not st.mean_a:  # optimistic: every block runs in the first rounds and is measured
+                st.mean_a = [1.0] * n_mtp
+        if floors is not None:
+            num_drafts = list(num_drafts)
+            for i, (seq, st) in enumerate(zip(seqs, states)):
+                for j, c, ok in st.observe(seq):
+                    h = self.calib[j][bisect.bisect(BUCKETS, c)]
+                    h[0], h[1] = HEAD_DECAY * h[0] + ok, HEAD_DECAY * h[1] + 1
+                if not st.wants_round(floors[i], own[i]):
+                    num_drafts[i] = 0
+        los: list[list[int]] = []  # per sequence, per block
+        for st, n, nd in zip(states, n_of, num_drafts):
             if not st.valid:  # first round after (re)admission: only the last window matters
-                st.valid = [max(0, n - W)] * nd
+                st.valid = [max(0, n - W)] * n_mtp
                 st.kv_lo = max(0, n - W)
-            los.append(max(min(st.valid[:nd]), n - W))
-            st.drafts = []
-        view_for: dict[tuple[int, ...], object] = {}
+            lo = [max(v, n - W) for v in st.valid]
+            near = n - 2 * n_mtp - 2  # how far behind a block that ran last round can be
+            shared = min((x for x in lo[:nd] if x >= near), default=n)
+            los.append([shared if x >= near else x for x in lo])
+            st.drafts, st.probs, st.ests = [], [], []
+        head = self.draft_head()
+        chain = [1.0] * len(seqs)  # estimate that every draft so far is accepted
+        gain = [1.0] * len(seqs)  # expected tokens of the verify step with the drafts so far
+        live = [i for i, nd in enumerate(num_drafts) if nd > 0]
+        views: dict[tuple[tuple[int, int], ...], object] = {}
         for k in range(max(num_drafts, default=0)):
-            live = tuple(i for i, nd in enumerate(num_drafts) if nd > k)
-            if live not in view_for:
-                view_for[live] = self.cache.view([
-                    Segment(los[i], seqs[i].num_computed_tokens - los[i], seqs[i].full_block_table,
-                            seqs[i].sliding_block_table, states[i].kv_lo) for i in live])
+            live = [i for i in live if num_drafts[i] > k]
+            if floors is not None and k > 0:  # run block k only if its draft is expected to pay (rule below)
+                run = [i for i in live if chain[i] * states[i].mean_a[k] * (1 + floors[i] * k) >= floors[i] * gain[i]]
+                for i in set(live) - set(run):  # an estimate a block never runs to refresh drifts back up
+                    states[i].mean_a[k] += RETRY * (1.0 - states[i].mean_a[k])
+                live = run
+            if not live:
+                break
+            key = tuple((i, los[i][k]) for i in live)
+            if key not in views:
+                # keys below n - W are never read: the last row's window starts there (module docstring)
+                views[key] = self.cache.view([
+                    Segment(lo, n_of[i] - lo, seqs[i].full_block_table, seqs[i].sliding_block_table,
+                            max(states[i].kv_lo, n_of[i] - W)) for i, lo in key])
             ids, pos, hid, lengths = [], [], [], []
-            for i in live:
-                seq, st, lo = seqs[i], states[i], los[i]
-                n = seq.num_computed_tokens
+            for i, lo in key:
+                seq, st, n = seqs[i], states[i], n_of[i]
                 # tokens x_{t+k+1} for t in [lo, n): committed up to x_n, then this round's drafts
                 toks = seq.token_ids_slice(lo + k + 1, n + 1) if lo + k + 1 <= n else []
                 toks = (toks + st.drafts[max(0, lo + k - n):])[: n - lo]
@@ -108,9 +255,26 @@ class ModelRunner:
                 st.valid[k] = n - k
             hidden = hid[0] if len(hid) == 1 else torch.cat(hid)
             u = self.model.mtp_hidden(k, hidden[None], torch.tensor([ids], device=self.device),
-                                      torch.tensor([pos], device=self.device), view_for[live])[0]
+                                      torch.tensor([pos], device=self.device), views[key])[0]
             last = list(itertools.accumulate(lengths))  # each live sequence's row for its last position, + 1
             rows = u[-1:] if len(last) == 1 else u[torch.tensor(last, device=u.device) - 1]
-            nxt = self.model.lm_head(rows).argmax(-1).tolist()
-            for i, t in zip(live, nxt):
-                states[i].drafts.append(int(t))
+            prob, arg = torch.softmax(F.linear(rows, head).float(), dim=-1).max(-1)
+            tok = arg if self.draft_ids is None else self.draft_ids[arg]
+            stopped = set()
+            rate = [hits / n for hits, n in self.calib[k]]
+            for i, t, c in zip(live, tok.tolist(), prob.tolist()):
+                st = states[i]
+                # acceptance estimate of this draft, given the drafts before it
+                a = st.own_rate if own[i] else min(1.0, rate[bisect.bisect(BUCKETS, c)] * st.factor)
+                st.mean_a[k] = FIRST_DECAY * st.mean_a[k] + (1 - FIRST_DECAY) * a
+                # the marginal rule: one more draft (cost floors[i] plain steps, gain P_i tokens) raises the
+                # expected tokens per unit of step cost iff P_i >= floors[i] * (tokens so far / cost so far)
+                if floors is not None and chain[i] * a * (1 + floors[i] * k) < floors[i] * gain[i]:
+                    stopped.add(i)
+                    continue
+                chain[i] *= a
+                gain[i] += chain[i]
+                st.drafts.append(int(t))
+                st.probs.append(c)
+                st.ests.append(a)
+            live = [i for i in live if i not in stopped]
