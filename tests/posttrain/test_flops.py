@@ -94,4 +94,4 @@ def test_ledger_adds_by_kind_and_round_trips():
     other.load_state_dict(led.state_dict())
     assert other.flops == led.flops
     with pytest.raises(KeyError, match="unknown ledger entry"):
-        led.add("teacher", 1)
+        led.add("optimizer", 1)

@@ -15,9 +15,10 @@ sliding_window, the query included). The training forward computes every row's l
 costs twice the forward (both input and weight gradients), so an update is 3x its forward.
 
 Ledger entries: "rollout" (engine prefill, decode/verify and MTP drafting), "logprob" (the trainer's forward
-over the rollouts: pi_theta for the mask, and the loss), "backward" (its backward), "eval" (greedy
-evaluation). Approximations, for the engine only: rejected draft rows and MTP drafting rows are charged at
-the sequence's final context length; a recompute after a preemption is not charged.
+over the rollouts: pi_theta for the mask, and the loss), "backward" (its backward), "teacher" (MOPD: each
+teacher's forward over its rows, logits at the response rows only), "eval" (greedy evaluation).
+Approximations, for the engine only: rejected draft rows and MTP drafting rows are charged at the sequence's
+final context length; a recompute after a preemption is not charged.
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ def training_flops(cfg: ModelConfig, B: int, T: int, n_mtp: int) -> tuple[int, i
     return B * fwd, 2 * B * fwd
 
 
+def scoring_flops(cfg: ModelConfig, B: int, T: int, logit_rows: int) -> int:
+    """A no-grad forward over padded rows [B, T] (no MTP heads) with lm_head at `logit_rows` rows of them: a
+    teacher scoring the rollouts' response tokens (MOPD)."""
+    return B * forward_flops(cfg, 0, T) + logit_rows * lm_head_flops(cfg)
+
+
 def rollout_flops(cfg: ModelConfig, n_prompt: int, n_output: int, n_drafted: int, n_accepted: int) -> int:
     """Engine FLOPs of one sample: prompt P, output O, drafts proposed / accepted over its verify steps.
 
@@ -105,7 +112,7 @@ class FlopLedger:
     """FLOPs spent so far, by kind (module docstring); saved with a checkpoint so a resumed run continues."""
 
     flops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("rollout", "logprob", "backward",
-                                                                           "eval"), 0))
+                                                                           "teacher", "eval"), 0))
 
     def add(self, kind: str, flops: int) -> None:
         if kind not in self.flops:

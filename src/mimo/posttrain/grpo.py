@@ -6,7 +6,10 @@ Legend: B sequences (G samples of each prompt, consecutive), T positions of the 
     A_i   = (r_i - mean_g r) / (std_g r + eps)            std over the G samples of i's prompt (population)
     rho_t = pi_theta(y_t) / mu(y_t)                        trainer / sampler probability of the sampled token
     w_t   = sg[rho_t] if eps_low <= rho_t <= eps_high else 0       (IcePop-style token mask)
-    L     = -(1/B) sum_i (1/|y_i|) sum_t w_t A_i log pi_theta(y_t)  +  mtp_weight * mean_k CE_k(heads, detached)
+    L     = -(1/B) sum_i (1/|y_i|) sum_t w_t A_it log pi_theta(y_t)  +  mtp_weight * mean_k CE_k(heads, detached)
+
+A_it is a per-token advantage: GRPO broadcasts A_i to every token of response i (`outcome_advantage`); MOPD
+(mopd.py) adds a per-token teacher term to it, on the same objective.
 
 B is the global number of sequences (all ranks). A group whose rewards are all equal has A = 0 (r - mean is
 exactly 0), so it adds nothing; a batch where every group is like that is skipped by the loop, not stepped.
@@ -17,6 +20,8 @@ policy, not a routing flip between the engine and the trainer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +29,10 @@ from mimo.train import losses
 from mimo.train.data import Batch
 from mimo.train.loop import RoutingRecord
 from mimo.train.step import LossFn, LossOutput
+
+# (batch, pi_theta's log-probs of the labels [B, T], detached) -> (per-token advantages [B, T], metric sums).
+# The advantage may use the trainer's log-probs (MOPD's teacher term does); only response tokens count.
+TokenAdvantage = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -61,6 +70,11 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
+def outcome_advantage(b: Batch, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's: the sequence's group-normalised outcome advantage b.advantages [B] at each of its tokens."""
+    return b.advantages[:, None].expand_as(logp), {}
+
+
 def replay_routing(batch: Batch, moe_layers: list[int]) -> RoutingRecord:
     """A routing record that replays the rollout's experts ([B, T, n_moe_layers, K] -> per layer [B, T, K])
     and records what the forward used."""
@@ -72,12 +86,13 @@ def replay_routing(batch: Batch, moe_layers: list[int]) -> RoutingRecord:
 
 def grpo_objective(n_seqs: int, n_mtp_targets: list[int], moe_layers: list[int], eps_low: float,
                    eps_high: float, temperature: float = 1.0, mtp_weight: float = 0.1,
-                   replay: bool = True) -> LossFn:
+                   replay: bool = True, advantage: TokenAdvantage = outcome_advantage) -> LossFn:
     """The loss of the module docstring as a loss function for `mimo.train.step.forward_backward`.
 
     n_seqs: sequences in the global batch (B); n_mtp_targets[k]: global response tokens MTP head k predicts.
     The batch carries labels, mask (response tokens), advantages [B], old_logprobs [B, T] (the sampler's),
-    loss_weights [B] (1 / |y_i|) and routed_experts [B, T, n_moe_layers, K]."""
+    loss_weights [B] (1 / |y_i|) and routed_experts [B, T, n_moe_layers, K]; `advantage` turns it and the
+    trainer's log-probs into A_it (its metric sums join the loss function's)."""
 
     def loss_fn(model, b: Batch) -> LossOutput:
         routing = replay_routing(b, moe_layers) if replay else RoutingRecord()
@@ -86,7 +101,8 @@ def grpo_objective(n_seqs: int, n_mtp_targets: list[int], moe_layers: list[int],
         logits, mtp_logits = out if n_heads else (out, [])
         logp = token_logprobs(logits, b.labels, temperature)
         w, kept = is_weights(logp, b.old_logprobs, b.mask, eps_low, eps_high)
-        per_seq = (w * logp).sum(1) * b.advantages * b.loss_weights  # [B]
+        adv, adv_metrics = advantage(b, logp.detach())
+        per_seq = (w * adv * logp).sum(1) * b.loss_weights  # [B]; w is 0 off the response, so adv is too
         pg = -per_seq.sum() / n_seqs
         mtp_ce = [losses.masked_ce_sum(mtp_logits[k], *losses.mtp_labels(b.labels, b.mask, k))
                   for k in range(n_heads)]
@@ -100,7 +116,7 @@ def grpo_objective(n_seqs: int, n_mtp_targets: list[int], moe_layers: list[int],
             metrics = {"objective": loss, "pg": pg, "tokens": maskf.sum(), "kept": kept.sum(),
                        "entropy": (entropy * maskf).sum(),
                        # mean of (old - new) log-prob over response tokens: a k1 estimate of KL(mu || pi_theta)
-                       "logp_diff": ((b.old_logprobs - logp) * maskf).sum()}
+                       "logp_diff": ((b.old_logprobs - logp) * maskf).sum(), **adv_metrics}
             for k in range(n_heads):
                 metrics[f"mtp{k}"] = mtp_ce[k]
                 metrics[f"mtp{k}_correct"] = losses.masked_correct(mtp_logits[k],

@@ -1,11 +1,14 @@
-"""`mimo rl`: GRPO on the toy tasks, strictly on-policy, with the engine as the rollout worker.
+"""`mimo rl` and `mimo mopd`: GRPO / MOPD on the toy tasks, strictly on-policy, with the engine as the rollout
+worker. One loop for both: a `Method` (from the config) says how a step's rollouts become the objective's
+per-token advantages; GRPO uses the outcome advantage alone, MOPD (mopd.py) adds each domain's teacher.
 
 One step (grpo.py has the objective):
 1. the step's prompts (`rewards.step_examples`: a pure function of seed and step, domains shuffled
    together); rank r of W takes its contiguous 1/W of them;
 2. G samples of each through the engine (MTP speculation on, per-sample seeds, processed log-probs and
    routed experts returned), scored by the exact-match verifiers;
-3. group-normalised advantages; a batch where no group has reward variance is skipped (logged, no update);
+3. group-normalised advantages; for GRPO a batch where no group has reward variance is skipped (logged, no
+   update); the method scores the rollouts (MOPD: each teacher's forward over its domain's rows);
 4. one forward/backward over the rollouts with routing replay (the rollout's experts) and the MTP heads
    trained on them with the trunk detached, then one optimizer step (one update per rollout batch);
 5. the new weights go into the engine (`LLM.update_weights`).
@@ -27,6 +30,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +41,11 @@ from mimo import tasks as task_lib
 from mimo.checkpoint import CheckpointError, load_model, save_model
 from mimo.engine import LLM, SamplingParams
 from mimo.engine.config import DEFAULT_MODEL
-from mimo.model.config import ConfigError
+from mimo.model.config import ConfigError, ModelConfig
 from mimo.model.moe import MoE
 from mimo.train import checkpoint as ckpt_io
 from mimo.train import parallel
-from mimo.train.data import DataError, load_tokenizer
+from mimo.train.data import Batch, DataError, load_tokenizer
 from mimo.train.loop import TrainError, read_metrics
 from mimo.train.optim import param_groups
 from mimo.train.step import TrainingDiverged, forward_backward, optimizer_step
@@ -58,6 +62,24 @@ CONFIG_FILE = "rl_config.json"
 
 class RLConfigError(ValueError):
     """An RLConfig field has an invalid value; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a post-training method adds to the shared loop."""
+
+    name: str  # the progress bar's label
+    # (this rank's rollouts, their training rows with the outcome advantages [B]) -> (the rows the advantage
+    # reads, the per-token advantage of the objective, model FLOPs spent scoring them on this rank)
+    score: Callable[[RolloutBatch, Batch], tuple[Batch, grpo.TokenAdvantage, int]]
+    # global sums of the advantage's metrics -> what the step logs
+    summarise: Callable[[dict[str, float]], dict[str, Any]]
+    # GRPO learns only from reward differences within a group, so a batch without any is skipped; MOPD's
+    # teacher term teaches on every token, so it never skips
+    skip_without_reward_variance: bool
+
+
+GRPO = Method("rl", lambda rb, batch: (batch, grpo.outcome_advantage, 0), lambda sums: {}, True)
 
 
 @dataclass(frozen=True)
@@ -113,6 +135,11 @@ class RLConfig:
     def replace(self, **kw: Any) -> RLConfig:
         return dataclasses.replace(self, **kw)
 
+    def method(self, init: Path, tokenizer, student: ModelConfig) -> Method:
+        """The method this config trains with, built at start-up (before anything is written) from the
+        starting weights' directory, its tokenizer and model config."""
+        return GRPO
+
     def to_json_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -125,10 +152,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str, **overrides: Any) -> RLConfig:
+def preset(name: str, kind: type[RLConfig] = RLConfig, **overrides: Any) -> RLConfig:
+    """A `kind` (RLConfig, or mopd.MOPDConfig) from a named preset and field overrides."""
     if name not in PRESETS:
         raise RLConfigError(f"unknown RL preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return RLConfig(**{**PRESETS[name], **overrides})
+    return kind(**{**PRESETS[name], **overrides})
 
 
 # ---- pieces of a step ---------------------------------------------------------------------------------------
@@ -145,9 +173,9 @@ def moe_layer_ids(model: torch.nn.Module) -> list[int]:
 
 
 def update_on_rollouts(model, opt, sched, rb: RolloutBatch, cfg: RLConfig, step: int, pad_id: int,
-                       world_size: int = 1) -> tuple[dict[str, Any], tuple[float, float] | None]:
-    """Steps 3-4 of the module docstring on this rank's rollouts. Returns (global metrics, the global
-    (forward, backward) FLOPs of the update), or (metrics with "skipped" naming the reason, None) when there
+                       world_size: int = 1, method: Method = GRPO) -> tuple[dict[str, Any], dict[str, float] | None]:
+    """Steps 3-4 of the module docstring on this rank's rollouts. Returns (global metrics, the global FLOPs
+    of scoring and update by ledger entry), or (metrics with "skipped" naming the reason, None) when there
     was no update. Raises TrainingDiverged before stepping on a NaN."""
     G = cfg.group_size
     rewards = rb.rewards
@@ -156,16 +184,16 @@ def update_on_rollouts(model, opt, sched, rb: RolloutBatch, cfg: RLConfig, step:
                                                  rewards.numel() // G], dtype=torch.float64))
     n_flat, n_groups = int(flat[0]), int(flat[1])
     m: dict[str, Any] = {"zero_variance_groups": n_flat}
-    if n_flat == n_groups:
+    if method.skip_without_reward_variance and n_flat == n_groups:
         m["skipped"] = f"zero reward variance: all {n_groups} groups have equal rewards, no update"
         return m, None
-    batch = build_batch(rb.rollouts, adv, pad_id)
+    batch, advantage, teacher_flops = method.score(rb, build_batch(rb.rollouts, adv, pad_id))
     n_heads = model.n_mtp if cfg.mtp_weight > 0 else 0
     counts = torch.tensor([batch.input_ids.shape[0]] + [int(batch.mask[:, k + 1:].sum()) for k in range(n_heads)],
                           dtype=torch.float64)
     counts = parallel.all_reduce_sum(counts)
     loss_fn = grpo.grpo_objective(int(counts[0]), [int(c) for c in counts[1:]], moe_layer_ids(model), cfg.eps_low,
-                                  cfg.eps_high, cfg.temperature, cfg.mtp_weight, cfg.routing_replay)
+                                  cfg.eps_high, cfg.temperature, cfg.mtp_weight, cfg.routing_replay, advantage)
     out = forward_backward(model, batch, loss_fn, world_size)
     keys = list(out.metrics)
     sums = parallel.all_reduce_sum(torch.stack([out.metrics[k] for k in keys]))
@@ -174,21 +202,25 @@ def update_on_rollouts(model, opt, sched, rb: RolloutBatch, cfg: RLConfig, step:
     tokens = max(s["tokens"], 1.0)
     m.update(loss=s["objective"], pg_loss=s["pg"], grad_norm=res["grad_norm"], lr=res["lr"],
              entropy=s["entropy"] / tokens, masked_fraction=1.0 - s["kept"] / tokens,
-             kl_sampler_trainer=s["logp_diff"] / tokens)
+             kl_sampler_trainer=s["logp_diff"] / tokens, **method.summarise(s))
     if n_heads:
         m["mtp_loss"] = [s[f"mtp{k}"] / max(float(counts[1 + k]), 1.0) for k in range(n_heads)]
         m["mtp_acc"] = [s[f"mtp{k}_correct"] / max(float(counts[1 + k]), 1.0) for k in range(n_heads)]
     B, T = batch.input_ids.shape
     fwd, bwd = flop_lib.training_flops(model.config, B, T, n_heads)
-    fwd, bwd = parallel.all_reduce_sum(torch.tensor([fwd, bwd], dtype=torch.float64)).tolist()
-    return m, (fwd, bwd)
+    spent = parallel.all_reduce_sum(torch.tensor([fwd, bwd, teacher_flops], dtype=torch.float64)).tolist()
+    return m, dict(zip(("logprob", "backward", "teacher"), spent))
 
 
 def greedy_accuracy(llm: LLM, tokenizer, domains, n: int, seed: int, max_tokens: int) -> tuple[dict, int]:
-    """Held-out exact-match accuracy per domain (greedy, engine) and the FLOPs it took."""
+    """Held-out exact-match accuracy per domain (greedy, engine) and the FLOPs it took.
+
+    No MTP drafts: greedy tokens do not depend on them, but how many drafts a greedy request makes follows the
+    engine's acceptance calibration over its whole history, so with drafts the eval FLOPs after a `--resume`
+    (a new engine) would differ from the uninterrupted run's."""
     examples = [ex for d in domains for ex in task_lib.generate_examples(d, n, "heldout", seed)]
-    outs = llm.generate([prompt_ids(tokenizer, ex) for ex in examples], SamplingParams(max_tokens=max_tokens,
-                                                                                      temperature=0))
+    outs = llm.generate([prompt_ids(tokenizer, ex) for ex in examples],
+                        SamplingParams(max_tokens=max_tokens, temperature=0), num_speculative_tokens=0)
     correct = dict.fromkeys(domains, 0)
     spent = 0
     for ex, o in zip(examples, outs):
@@ -219,7 +251,7 @@ def plot_curves(run_dir: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 6))
     steps = [r["step"] for r in train]
     axes[0, 0].plot(steps, [r["reward"] for r in train], label="mean reward (samples)")
     ev = [r for r in rows if "eval_accuracy" in r]
@@ -234,6 +266,14 @@ def plot_curves(run_dir: str | Path) -> Path | None:
     axes[1, 1].plot([r["flops"] for r in train], [r["reward"] for r in train])
     axes[1, 1].set_xscale("log")
     axes[1, 1].set_title("reward vs FLOPs")
+    axes[0, 2].plot([r["step"] for r in upd], [r["grad_norm"] for r in upd])
+    axes[0, 2].set_title("grad norm")
+    axes[1, 2].plot([r["step"] for r in upd], [r["kl_sampler_trainer"] for r in upd], label="sampler || trainer")
+    for d in (upd[0].get("reverse_kl_by_domain", {}) if upd else {}):  # MOPD: KL(student || routed teacher)
+        axes[1, 2].plot([r["step"] for r in upd], [r["reverse_kl_by_domain"].get(d, math.nan) for r in upd],
+                        label=f"student || teacher, {d}")
+    axes[1, 2].set_title("k1 KL estimates (nats/token)")
+    axes[1, 2].legend(fontsize=7)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.set_xlabel("step" if ax is not axes[1, 1] else "FLOPs")
@@ -248,8 +288,21 @@ def plot_curves(run_dir: str | Path) -> Path | None:
 
 # ---- the run ------------------------------------------------------------------------------------------------
 
-def _tokenizer_digest(d: Path) -> str:
+def tokenizer_digest(d: Path) -> str:
     return hashlib.sha256((d / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def model_dir(path: str | Path, flag: str) -> Path:
+    """A model directory with tokenizer.json from a model, run or checkpoint directory (a run's latest
+    checkpoint); TrainError naming `flag` (e.g. "--init-from") otherwise."""
+    d = Path(path)
+    if not d.is_dir():
+        raise TrainError(f"{flag} {path}: no such directory")
+    if ckpt_io.has_checkpoint(d):
+        d = ckpt_io.find_checkpoint(d)
+    if not (d / "tokenizer.json").is_file():
+        raise TrainError(f"{flag} {d} has no tokenizer.json")
+    return d
 
 
 def run(cfg: RLConfig, resume: str | Path | None = None, stop_after: int | None = None) -> dict[str, Any]:
@@ -264,20 +317,14 @@ def run(cfg: RLConfig, resume: str | Path | None = None, stop_after: int | None 
     state = ckpt_io.load_train_state(resume_dir) if resume_dir is not None else None
     if resume_dir is None and ckpt_io.has_checkpoint(out):
         raise TrainError(f"{out} already holds checkpoints; pass --resume {out} to continue, or another --out")
-    init = Path(cfg.init_from)
-    if not init.is_dir():
-        raise TrainError(f"--init-from {init}: no such directory")
-    if ckpt_io.has_checkpoint(init):
-        init = ckpt_io.find_checkpoint(init)
-    if not (init / "tokenizer.json").is_file():
-        raise TrainError(f"--init-from {init} has no tokenizer.json")
+    init = model_dir(cfg.init_from, "--init-from")
     try:
         tokenizer = load_tokenizer(init)
     except DataError as e:
         raise TrainError(str(e)) from None
     src = init
     if resume_dir is not None:
-        if not (resume_dir / "tokenizer.json").is_file() or _tokenizer_digest(resume_dir) != _tokenizer_digest(init):
+        if not (resume_dir / "tokenizer.json").is_file() or tokenizer_digest(resume_dir) != tokenizer_digest(init):
             raise ckpt_io.TrainCheckpointError(f"checkpoint {resume_dir} was written with a different tokenizer "
                                                f"than --init-from {cfg.init_from}")
         src = resume_dir
@@ -288,6 +335,7 @@ def run(cfg: RLConfig, resume: str | Path | None = None, stop_after: int | None 
     if model.config.vocab_size < tokenizer.vocab_size:
         raise TrainError(f"{src}: model vocab_size {model.config.vocab_size} is smaller than its tokenizer's "
                          f"{tokenizer.vocab_size} ids (a checkpoint of another tokenizer)")
+    method = cfg.method(init, tokenizer, model.config)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -346,7 +394,7 @@ def run(cfg: RLConfig, resume: str | Path | None = None, stop_after: int | None 
     if dist_info.is_main and cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start, desc="rl", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=start, desc=method.name, dynamic_ncols=True)
     per_rank = cfg.prompts_per_step // W
     last: dict[str, Any] = {}
     last_ckpt: Path | None = None
@@ -367,23 +415,24 @@ def run(cfg: RLConfig, resume: str | Path | None = None, stop_after: int | None 
             ledger.add("rollout", glob[0])
             totals["rollout_tokens"] += int(glob[4])
             totals["rollout_seconds"] += rb.seconds
-            m, train_flops = update_on_rollouts(model, opt, sched, rb, cfg, step, tokenizer.pad_id, W)
-            if train_flops is not None:
-                fwd, bwd = train_flops
-                ledger.add("logprob", fwd)
-                ledger.add("backward", bwd)
+            m, spent_by_kind = update_on_rollouts(model, opt, sched, rb, cfg, step, tokenizer.pad_id, W, method)
+            if spent_by_kind is not None:
+                for kind, f in spent_by_kind.items():
+                    ledger.add(kind, f)
                 llm.update_weights(_full_state_everywhere(model) if W > 1 else model)
             done = step + 1
             row = {"step": done, "reward": glob[1] / glob[3], "accuracy": glob[2] / glob[3],
                    "response_tokens": glob[4] / glob[3], **m,
                    "rollout_tok_per_s": round(glob[4] / max(rb.seconds, 1e-9), 1),
                    "acceptance_length": 1.0 + glob[5] / glob[6] if glob[6] else 1.0}
-            per_domain = torch.zeros(len(cfg.domains), 2, dtype=torch.float64)  # [reward sum, samples]
+            per_domain = torch.zeros(len(cfg.domains), 3, dtype=torch.float64)  # [reward sum, correct, samples]
             for r in rb.rollouts:
-                per_domain[cfg.domains.index(r.example.task)] += torch.tensor([r.reward, 1.0], dtype=torch.float64)
+                per_domain[cfg.domains.index(r.example.task)] += torch.tensor([r.reward, float(r.reward >= 1), 1.0],
+                                                                              dtype=torch.float64)
             per_domain = parallel.all_reduce_sum(per_domain)
-            row["reward_by_domain"] = {d: float(per_domain[i, 0] / per_domain[i, 1])
-                                       for i, d in enumerate(cfg.domains) if per_domain[i, 1] > 0}
+            seen = [(i, d) for i, d in enumerate(cfg.domains) if per_domain[i, 2] > 0]
+            row["reward_by_domain"] = {d: float(per_domain[i, 0] / per_domain[i, 2]) for i, d in seen}
+            row["accuracy_by_domain"] = {d: float(per_domain[i, 1] / per_domain[i, 2]) for i, d in seen}
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 acc, spent = greedy_accuracy(llm, tokenizer, cfg.domains, cfg.eval_n, cfg.seed, cfg.max_new_tokens)
                 ledger.add("eval", spent)
