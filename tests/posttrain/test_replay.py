@@ -23,11 +23,12 @@ def model():
     return load_model(DEFAULT_MODEL, dtype=torch.float32).eval()
 
 
-def _rollouts(model, temperature=1.0):
+def _rollouts(model):
     llm = LLM(model, num_speculative_tokens=3, max_model_len=64, max_num_seqs=8, block_size=4,
               max_num_batched_tokens=32)
     prompts = [[5, 9, 14, 3], [7, 7, 21, 30, 2, 11]]
-    sp = [SamplingParams(n=4, seed=10 * i, temperature=temperature, max_tokens=12, ignore_eos=True, logprobs=0,
+    # temperature 0.8: sharp enough that the adaptive drafting keeps drafting (accepts and rejects)
+    sp = [SamplingParams(n=4, seed=10 * i, temperature=0.8, max_tokens=12, ignore_eos=True, logprobs=0,
                          logprobs_mode="processed", routed_experts=True) for i in range(len(prompts))]
     outs = llm.generate(prompts, sp)
     st = llm.stats()
@@ -46,7 +47,7 @@ def _forward(model, batch, replay):
 
 
 def test_replayed_forward_reproduces_the_rollout(model):
-    rollouts = _rollouts(model, temperature=0.8)
+    rollouts = _rollouts(model)
     batch = build_batch(rollouts, torch.zeros(len(rollouts)), 0)
     logp, used = _forward(model, batch, replay=True)
     real = torch.zeros_like(batch.mask)  # positions the engine ran over (prompt and response, no padding)
