@@ -1,25 +1,35 @@
 """Engine benchmark on the default model, everything measured side by side in one run (float32, CPU).
 
-1. batch-1 greedy decode, ms per generated token and mean acceptance length: transformers `generate` on the
-   same weights, this engine with MTP off, and with 1, 2, 3 drafts; on code prompts and on chat task prompts;
-2. total generated tokens/s at 1, 4, 16 and 64 concurrent requests (MTP off and on);
+1. batch-1 decode, ms per generated token and mean acceptance length, on three prompt classes (code prompts
+   greedy, chat task prompts greedy, code prompts sampled at temperature 0.7 / top-p 0.95): transformers
+   `generate` on the same weights, this engine with MTP off, with 1, 2, 3 drafts every step (adaptive
+   drafting off), and the default setting (adaptive drafting, up to all heads);
+2. total generated tokens/s at 1, 4, 16 and 64 concurrent requests, MTP off vs the default, per class;
 3. prefill tokens/s at 1K, 4K and 16K tokens;
 4. KV bytes per request against context length: this engine's pools vs transformers' cache.
+Then the targets, met or not, from the figures above.
 
-    python benchmarks/bench_engine.py [--model DIR] [--quick]
+Configurations run back to back inside every round (interleaved) and each keeps its fastest round, so load
+that comes and goes on a shared machine hits all of them alike.
+
+    python benchmarks/bench_engine.py [--model DIR] [--quick] [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
 
 from mimo import tasks as task_lib
 from mimo.engine import LLM, SamplingParams
+from mimo.engine import llm as llm_mod
 from mimo.engine.llm import DEFAULT_MODEL
 from mimo.engine.planner import request_kv
+
+DEFAULT = "default"  # the engine's default speculative setting: adaptive drafting with every head
 
 CODE_PROMPTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -36,38 +46,80 @@ def chat_prompts(tok, n=6):
     return [tok.encode_chat(task_lib.to_messages(e, with_answer=False)) for e in exs]
 
 
-def decode_table(llm, hf, prompts, max_tokens, ks, rounds):
-    """Batch 1, one request at a time. Every prompt runs under every configuration (transformers `generate`,
-    then the engine with k = 0..3 drafts) back to back, `rounds` times; a (prompt, configuration) pair keeps
-    its fastest round, so machine load that comes and goes hits all configurations alike.
-    Returns {config: (ms per generated token, mean acceptance length)}; config "hf" is transformers."""
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+def params_for(cls: str, max_tokens: int, seed: int) -> SamplingParams:
+    if cls == "sampled":
+        return SamplingParams(max_tokens=max_tokens, temperature=0.7, top_p=0.95, seed=seed, ignore_eos=True)
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
-    def run(cfg, p):
+
+@contextlib.contextmanager
+def drafting(cfg):
+    """DEFAULT: the engine as it ships (adaptive drafting). A fixed number of drafts: adaptive drafting off, so
+    every step proposes all of them (a zero cost per draft: every draft pays for itself)."""
+    real = llm_mod.draft_floor
+    if cfg != DEFAULT:
+        llm_mod.draft_floor = lambda batch: 0.0
+    try:
+        yield None if cfg == DEFAULT else cfg  # the num_speculative_tokens to pass
+    finally:
+        llm_mod.draft_floor = real
+
+
+def engine_run(llm, prompts, sp, cfg):
+    """Generate under configuration cfg (see `drafting`); (seconds, generated tokens, accepted drafts,
+    verify steps)."""
+    with drafting(cfg) as k:
         t0 = time.perf_counter()
+        outs = llm.generate(prompts, sp, num_speculative_tokens=k)
+        dt = time.perf_counter() - t0
+    return (dt, sum(len(o.token_ids) for o in outs), sum(o.metrics.num_accepted for o in outs),
+            sum(o.metrics.num_verify_steps for o in outs))
+
+
+def decode_table(llm, hf, prompts, cls, max_tokens, cfgs, rounds):
+    """Batch 1, one request at a time; every prompt under every configuration back to back, `rounds` times;
+    a (prompt, configuration) pair keeps its fastest round. Returns {config: (ms per generated token, mean
+    acceptance length)}; config "hf" is transformers."""
+
+    def run(cfg, i, p):
+        sp = params_for(cls, max_tokens, i)
         if cfg == "hf":
             x = torch.tensor([p])
-            out = hf.generate(x, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+            kw = dict(do_sample=True, temperature=0.7, top_p=0.95) if cls == "sampled" else dict(do_sample=False)
+            t0 = time.perf_counter()
+            out = hf.generate(x, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kw)
             return time.perf_counter() - t0, out.shape[1] - x.shape[1], 0, 0
-        o = llm.generate(p, sp, num_speculative_tokens=cfg)[0]
-        return time.perf_counter() - t0, len(o.token_ids), o.metrics.num_accepted, o.metrics.num_verify_steps
+        return engine_run(llm, [p], sp, cfg)
 
-    cfgs = ["hf", *ks]
     for cfg in cfgs:  # warm-up
-        run(cfg, prompts[0])
+        run(cfg, 0, prompts[0])
     best: dict[tuple, tuple] = {}
     for _ in range(rounds):
         for i, p in enumerate(prompts):
             for cfg in cfgs:
-                r = run(cfg, p)
+                r = run(cfg, i, p)
                 if (cfg, i) not in best or r[0] < best[cfg, i][0]:
                     best[cfg, i] = r
     table = {}
     for cfg in cfgs:
-        rows = [best[cfg, i] for i in range(len(prompts))]
-        t, n, acc, ver = (sum(col) for col in zip(*rows))
+        t, n, acc, ver = (sum(col) for col in zip(*[best[cfg, i] for i in range(len(prompts))]))
         table[cfg] = (1000 * t / n, (1 + acc / ver) if ver else 1.0)
     return table
+
+
+def throughput_table(llm, classes, counts, rounds):
+    """{(class, n, config): tokens/s} for n concurrent requests, MTP off (0) vs DEFAULT, interleaved rounds,
+    fastest round kept."""
+    best: dict[tuple, float] = {}
+    for _ in range(rounds):
+        for cls, prompts, mt in classes:
+            for n in counts:
+                batch = [prompts[i % len(prompts)] for i in range(n)]
+                sps = [params_for(cls, mt, i) for i in range(n)]
+                for cfg in (0, DEFAULT):
+                    dt, toks, _, _ = engine_run(llm, batch, sps, cfg)
+                    best[cls, n, cfg] = max(best.get((cls, n, cfg), 0.0), toks / dt)
+    return best
 
 
 def hf_cache_bytes(hf, n_tokens, vocab):
@@ -85,7 +137,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="fewer prompts and lengths")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the batch-1 decode table")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the decode and throughput tables")
     args = ap.parse_args()
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
@@ -100,41 +152,52 @@ def main() -> None:
 
     code = [tok.encode(p) for p in CODE_PROMPTS[: 3 if args.quick else 6]]
     chat = chat_prompts(tok, 3 if args.quick else 6)
-    print(f"\n1. batch-1 greedy decode (ms/token, mean acceptance length; fastest of {args.rounds} interleaved rounds)")
-    for name, prompts in (("code", code), ("chat tasks", chat)):
-        mt = args.max_tokens if name == "code" else 16
-        table = decode_table(llm, hf, prompts, mt, range(llm.model.n_mtp + 1), args.rounds)
-        t_hf, t_off = table.pop("hf")[0], table[0][0]
-        print(f"  {name:<10} transformers {t_hf:7.2f} ms/token")
-        for k, (ms, al) in table.items():
+    n_mtp = llm.model.n_mtp
+    classes = [("code", code, args.max_tokens), ("chat tasks", chat, 16), ("sampled", code, args.max_tokens)]
+    print(f"\n1. batch-1 decode (ms/token, mean acceptance length; fastest of {args.rounds} interleaved rounds); "
+          f"k = drafts every step, {DEFAULT} = adaptive drafting with up to {n_mtp}")
+    tables = {}
+    for cls, prompts, mt in classes:
+        cfgs = ["hf", *range(n_mtp + 1), DEFAULT]
+        table = tables[cls] = decode_table(llm, hf, prompts, cls, mt, cfgs, args.rounds)
+        t_hf, t_off = table["hf"][0], table[0][0]
+        print(f"  {cls:<10} transformers {t_hf:7.2f} ms/token")
+        for cfg in cfgs[1:]:
+            ms, al = table[cfg]
             # cost of one verify step (+ its drafting round) in plain decode steps: speedup = AL / this
-            print(f"  {name:<10} engine k={k}   {ms:7.2f} ms/token  AL {al:.2f}  "
-                  f"{t_hf / ms:5.2f}x transformers  {t_off / ms:5.2f}x MTP-off  "
-                  f"step cost {ms * al / t_off:4.2f}x a plain step")
+            name = f"k={cfg}" if cfg != DEFAULT else DEFAULT
+            print(f"  {cls:<10} engine {name:<8} {ms:7.2f} ms/token  AL {al:.2f}  {t_hf / ms:5.2f}x transformers  "
+                  f"{t_off / ms:5.2f}x MTP-off  step cost {ms * al / t_off:4.2f}x a plain step")
 
-    print("\n1b. sampled decode (temperature 0.7, top-p 0.95), batch 1: mean acceptance length with all drafts")
-    for name, prompts in (("code", code), ("chat tasks", chat)):
-        k = llm.model.n_mtp
-        outs = [llm.generate(p, SamplingParams(max_tokens=args.max_tokens, temperature=0.7, top_p=0.95, seed=i),
-                             num_speculative_tokens=k)[0] for i, p in enumerate(prompts)]
-        acc = sum(o.metrics.num_accepted for o in outs)
-        ver = sum(o.metrics.num_verify_steps for o in outs)
-        print(f"  {name:<10} k={k}: AL {1 + acc / max(ver, 1):.2f} over {ver} verify steps")
+    counts = (1, 4) if args.quick else (1, 4, 16, 64)
+    print(f"\n2. throughput, concurrent requests (tokens/s, fastest of {args.rounds} interleaved rounds)")
+    thr = throughput_table(llm, classes, counts, args.rounds)
+    for cls, _, mt in classes:
+        for n in counts:
+            off, on = thr[cls, n, 0], thr[cls, n, DEFAULT]
+            print(f"  {cls:<10} {n:3d} requests x {mt} tokens: MTP off {off:8.1f}  {DEFAULT} {on:8.1f}  "
+                  f"({on / off:4.2f}x; {on / thr[cls, 1, DEFAULT]:5.2f}x one request)")
 
-    print("\n2. throughput, concurrent requests (code prompts, 64 tokens each)")
-    base = None
-    for n in (1, 4, 16, 64):
-        prompts = [code[i % len(code)] for i in range(n)]
-        for k in (0, llm.model.n_mtp):
-            sp = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-            llm.generate(prompts[:1], sp, num_speculative_tokens=k)
-            t0 = time.perf_counter()
-            outs = llm.generate(prompts, sp, num_speculative_tokens=k)
-            dt = time.perf_counter() - t0
-            tps = sum(len(o.token_ids) for o in outs) / dt
-            if n == 1 and k == 0:
-                base = tps
-            print(f"  {n:3d} requests, k={k}: {tps:8.1f} tokens/s  ({tps / base:5.2f}x one request, k=0)")
+    print("\ntargets")
+    code_t = tables["code"]
+    sp3 = code_t[0][0] / code_t[DEFAULT][0]
+    cost3 = code_t[DEFAULT][0] * code_t[DEFAULT][1] / code_t[0][0]
+    ratios = [tables[c][0][0] / tables[c][DEFAULT][0] for c, _, _ in classes]
+    ratios += [thr[c, n, DEFAULT] / thr[c, n, 0] for c, _, _ in classes for n in counts]
+    hf_x = [tables[c]["hf"][0] / tables[c][0][0] for c in ("code", "chat tasks")]
+    scale = thr["code", counts[-1] if args.quick else 16, DEFAULT] / thr["code", 1, DEFAULT]
+
+    def verdict(ok):
+        return "met" if ok else "NOT met"
+
+    print(f"  batch-1 greedy code, {DEFAULT} >= 2.0x MTP off: {sp3:.2f}x, step cost {cost3:.2f} plain steps "
+          f"({verdict(sp3 >= 2.0)})")
+    print(f"  {DEFAULT} never slower than MTP off (3 classes x batch 1 and {len(counts)} concurrencies): worst "
+          f"{min(ratios):.2f}x ({verdict(min(ratios) >= 1.0)})")
+    print(f"  MTP off >= 2.0x transformers (greedy code, chat): {hf_x[0]:.2f}x, {hf_x[1]:.2f}x "
+          f"({verdict(min(hf_x) >= 2.0)})")
+    print(f"  {16 if not args.quick else counts[-1]} concurrent requests >= 8x one (code, {DEFAULT}): {scale:.2f}x "
+          f"({verdict(scale >= 8.0)})")
 
     print("\n3. prefill")
     lengths = (1024, 4096) if args.quick else (1024, 4096, 16384)

@@ -25,9 +25,10 @@ Adaptive drafting: each draft comes with its head probability c, turned into an 
 a = min(1, rate_k(c) f): rate_k(c) is head k's recent acceptance rate (all requests) among drafts of about
 that probability (`BUCKETS`), f how the request's own drafts fared against their estimates recently; the
 chain estimate P_i is the product of a over d_1..d_i. A draft joins the verify
-step only if it raises the expected tokens per unit of step cost: P_i >= f (1 + P_1 + .. + P_{i-1}) /
-(1 + f (i - 1)), f = the cost of one draft in plain decode steps (`draft_floor`, growing with the batch); the
-first draft that fails ends the sequence's chain and its later blocks do not run. A block runs only if its
+step only if it raises the expected tokens per unit of step cost: P_i (1 + r + f (i - 1)) >= (f + r [i = 1])
+(1 + P_1 + .. + P_{i-1}), f = the cost of one draft in plain decode steps (`draft_floor`, growing with the
+batch), r the round's fixed cost (`ROUND_SHARE` f, shared by the batch); the first draft that fails ends the
+sequence's chain and its later blocks do not run. A block runs only if its
 draft's expected estimate (the request's recent estimates for that block) passes the same rule, so a
 request whose expected first draft does not pay skips drafting, probing again every `PROBE_EVERY` steps. Greedy
 output does not depend on any of this (verification decides); sampled output stays exact because the drafts
@@ -56,12 +57,16 @@ PRIOR = 2.0  # pseudo-drafts a request's factor starts from (factor 1)
 PROBE_EVERY = 8  # a request that skips drafting tries again after this many steps
 
 
+ROUND_SHARE = 0.35  # a drafting round's fixed cost (views, bookkeeping), as a share of a draft's cost
+
+
 def draft_floor(batch: int) -> float:
     """Cost of one more draft (its verify row and its head's block) in plain decode steps, at `batch`
-    drafting sequences. Measured on the default model (CPU, 1 thread): at batch 1 a plain step is 3.3 ms, a
-    verify row adds 0.7 ms (the MoE layers read the weights of more experts) and a head's block 0.8 ms, so
-    about 0.45; as the verify rows of a large batch turn into real compute it rises towards 0.8."""
-    return 0.45 + 0.35 * batch / (batch + 16)
+    drafting sequences. Measured on the default model (CPU, 1 thread): at batch 1 the first draft costs 0.58
+    plain steps (the round's own cost, ROUND_SHARE of a draft, included), each further one 0.4: a verify row
+    makes the MoE layers read the weights of more experts, a head's block is about a layer and a half. As the
+    verify rows of a large batch turn into real compute the cost rises towards 0.8."""
+    return 0.42 + 0.38 * batch / (batch + 16)
 
 
 def default_draft_vocab_size(vocab_size: int) -> int:
@@ -157,6 +162,9 @@ class ModelRunner:
         # optimistic prior; the heads' probabilities are not acceptance rates (distilled heads are
         # underconfident: probability-0.2 drafts were accepted 9 times in 10 on code, 4 in 10 on chat tasks)
         self.calib = [[[PRIOR_RATE, 1.0] for _ in range(len(BUCKETS) + 1)] for _ in range(model.n_mtp)]
+        # per head: decayed mean estimate of its drafts over all requests, a new request's starting point
+        # (optimistic at first, so every block runs and is measured); a seeded sampled request starts from 1
+        self.mean_a = [1.0] * model.n_mtp
 
     def forward(self, items: list[tuple[Sequence, int, list[int]]], routing=None) -> torch.Tensor:
         """items: (seq, start position, query token ids). Returns pre-norm hidden states [N, D]; `routing`
@@ -201,9 +209,9 @@ class ModelRunner:
         W, n_mtp = self.window, self.model.n_mtp
         n_of = [seq.num_computed_tokens for seq in seqs]
         own = private if private is not None else [False] * len(seqs)
-        for st in states:
-            if not st.mean_a:  # optimistic: every block runs in the first rounds and is measured
-                st.mean_a = [1.0] * n_mtp
+        for st, p in zip(states, private or [False] * len(seqs)):
+            if not st.mean_a:  # a new request starts from what the blocks' drafts have been worth recently
+                st.mean_a = [1.0] * n_mtp if p else list(self.mean_a)
         if floors is not None:
             num_drafts = list(num_drafts)
             for i, (seq, st) in enumerate(zip(seqs, states)):
@@ -223,6 +231,16 @@ class ModelRunner:
             los.append([shared if x >= near else x for x in lo])
             st.drafts, st.probs, st.ests = [], [], []
         head = self.draft_head()
+        # step cost in plain decode steps: 1, plus the round's fixed cost (shared by the batch; a private
+        # sequence counts it whole) once anything is drafted, plus floors[i] per draft
+        round_cost = [ROUND_SHARE * f / (1 if p else len(seqs)) for f, p in zip(floors or [0.0] * len(seqs), own)]
+
+        def spent(i: int, k: int) -> float:  # cost with k drafts
+            return 1.0 + (round_cost[i] + floors[i] * k if k else 0.0)
+
+        def extra(i: int, k: int) -> float:  # cost of the (k + 1)-th draft
+            return floors[i] + (round_cost[i] if k == 0 else 0.0)
+
         chain = [1.0] * len(seqs)  # estimate that every draft so far is accepted
         gain = [1.0] * len(seqs)  # expected tokens of the verify step with the drafts so far
         live = [i for i, nd in enumerate(num_drafts) if nd > 0]
@@ -230,7 +248,7 @@ class ModelRunner:
         for k in range(max(num_drafts, default=0)):
             live = [i for i in live if num_drafts[i] > k]
             if floors is not None and k > 0:  # run block k only if its draft is expected to pay (rule below)
-                run = [i for i in live if chain[i] * states[i].mean_a[k] * (1 + floors[i] * k) >= floors[i] * gain[i]]
+                run = [i for i in live if chain[i] * states[i].mean_a[k] * spent(i, k) >= extra(i, k) * gain[i]]
                 for i in set(live) - set(run):  # an estimate a block never runs to refresh drifts back up
                     states[i].mean_a[k] += RETRY * (1.0 - states[i].mean_a[k])
                 live = run
@@ -267,9 +285,11 @@ class ModelRunner:
                 # acceptance estimate of this draft, given the drafts before it
                 a = st.own_rate if own[i] else min(1.0, rate[bisect.bisect(BUCKETS, c)] * st.factor)
                 st.mean_a[k] = FIRST_DECAY * st.mean_a[k] + (1 - FIRST_DECAY) * a
-                # the marginal rule: one more draft (cost floors[i] plain steps, gain P_i tokens) raises the
-                # expected tokens per unit of step cost iff P_i >= floors[i] * (tokens so far / cost so far)
-                if floors is not None and chain[i] * a * (1 + floors[i] * k) < floors[i] * gain[i]:
+                if not own[i]:
+                    self.mean_a[k] = HEAD_DECAY * self.mean_a[k] + (1 - HEAD_DECAY) * a
+                # the marginal rule: one more draft (gain P_i tokens) raises the expected tokens per unit of
+                # step cost iff P_i * (cost so far) >= (its cost) * (tokens so far)
+                if floors is not None and chain[i] * a * spent(i, k) < extra(i, k) * gain[i]:
                     stopped.add(i)
                     continue
                 chain[i] *= a
