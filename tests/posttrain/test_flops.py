@@ -1,13 +1,13 @@
 """The analytic FLOP ledger agrees with torch's FlopCounterMode on a small model: a token-by-token decode of the
-main model and of an MTP block over a dense cache (every query sees exactly its causal keys), and a training
-step's backward costing twice its forward."""
+main model and of an MTP block over a dense cache (every query sees exactly its causal keys), a training
+step's backward costing twice its forward, and a MOPD teacher's scoring forward (lm_head at response rows)."""
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mimo.model.attention import DenseKVCache
-from mimo.posttrain import flops
+from mimo.posttrain import flops, mopd
 from mimo.posttrain.flops import FlopLedger
 from tests.conftest import make_model
 
@@ -83,6 +83,31 @@ def test_training_step_is_three_forwards(model):
     assert ours_bwd == 2 * ours_fwd
     # the training forward's attention runs dense over each chunk, so it counts more than the causal keys
     assert ours_fwd <= counted_fwd <= 1.2 * ours_fwd
+
+
+def test_teacher_scoring_matches_flop_counter(model):
+    """A teacher's forward over [B, T] rows with logits at the N response rows: each response row more costs
+    exactly one lm_head row; the rest is the main model's forward (dense chunked attention, as in training)."""
+    cfg = model.config
+    B, T = 2, 16
+    teacher = mopd.Teacher("t", ("sort",), model)
+    x = torch.randint(0, cfg.vocab_size, (B, T))
+
+    def scored(n_prompt: int) -> tuple[int, int]:
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        mask[:, n_prompt:] = True
+        batch = mopd.MOPDBatch(x, x, mask, domains=("sort",) * B)
+        out: list[int] = []
+        counted = _counted(lambda: out.append(mopd.teacher_logprobs(teacher, batch)[1]))
+        return out[0], counted
+
+    ours, counted = scored(6)
+    assert ours == flops.scoring_flops(cfg, B, T, B * (T - 6))
+    assert ours <= counted <= 1.2 * ours
+    ours_more, counted_more = scored(2)  # 8 more response rows
+    assert counted_more - counted == ours_more - ours == 8 * flops.lm_head_flops(cfg)
+    with torch.no_grad():  # every row scored = the plain forward
+        assert scored(0)[1] == _counted(lambda: model(x))
 
 
 def test_ledger_adds_by_kind_and_round_trips():

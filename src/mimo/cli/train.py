@@ -1,5 +1,5 @@
-"""`mimo pretrain | sft | eval | recipe | export | distill-mtp | rl`: training stages, whole recipes, evaluation,
-GRPO.
+"""`mimo pretrain | sft | eval | recipe | export | distill-mtp | rl | mopd`: training stages, whole recipes,
+evaluation, GRPO, multi-teacher on-policy distillation.
 
 Bad input leaves anything already written untouched. Under `torchrun ... -m mimo.cli pretrain ...` every rank
 runs the same command and rank 0 prints the summary.
@@ -286,7 +286,7 @@ def _rl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", help="named RL settings in mimo.posttrain.loop (default, debug)")
     p.add_argument("--init-from", metavar="DIR", help="starting weights with tokenizer.json: a model, run or "
                    "checkpoint directory (default: the bundled model)")
-    p.add_argument("--out", help="run directory (default: runs/rl)")
+    p.add_argument("--out", help="run directory (default: runs/rl, runs/mopd)")
     p.add_argument("--resume", metavar="DIR", help="continue from a run directory or checkpoint directory")
     p.add_argument("--domains", type=_domains, help="comma-separated prompt mixture (default: add,reverse,sort)")
     p.add_argument("--steps", type=positive_int, help="optimizer steps = rollout batches")
@@ -310,10 +310,45 @@ def _rl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _teacher(text: str) -> tuple[str, str]:
+    """"add=runs/add-rl" -> ("add", "runs/add-rl"); "sort=self" -> ("sort", "self")."""
+    domain, eq, source = text.partition("=")
+    names = _domains(domain)
+    if not eq or not source.strip() or len(names) != 1:
+        raise argparse.ArgumentTypeError(f"expected DOMAIN=DIR or DOMAIN=self, got {text!r}")
+    return names[0], source.strip()
+
+
+def _mopd_args(p: argparse.ArgumentParser) -> None:
+    _rl_args(p)
+    p.add_argument("--teacher", type=_teacher, action="append", required=True, metavar="DOMAIN=DIR",
+                   help="the teacher of a domain: a model, run or checkpoint directory with the student's "
+                   "tokenizer, or 'self' (the starting weights); once per domain")
+    p.add_argument("--alpha", type=nonnegative_float, help="weight of the GRPO outcome advantage (default 0.5)")
+
+
 def rl(args: argparse.Namespace) -> int:
+    from mimo.posttrain.loop import RLConfig
+
+    return _posttrain(args, "mimo rl", RLConfig, {})
+
+
+def mopd(args: argparse.Namespace) -> int:
+    from mimo.posttrain.mopd import MOPDConfig
+
+    kw = {"teachers": tuple(args.teacher)}
+    if args.domains is None:  # the teachers' domains are the prompt mixture
+        kw["domains"] = tuple(dict.fromkeys(d for d, _ in args.teacher))
+    if args.alpha is not None:
+        kw["alpha"] = args.alpha
+    return _posttrain(args, "mimo mopd", MOPDConfig, kw)
+
+
+def _posttrain(args: argparse.Namespace, command: str, kind, kw: dict) -> int:
+    """`mimo rl` / `mimo mopd`: the config `kind` from the preset, the shared flags and `kw`; then the run."""
     from mimo.posttrain.loop import RLConfigError, preset
 
-    kw = {name: getattr(args, name) for name in ("init_from", "out", "domains", "steps", "prompts_per_step",
+    kw |= {name: getattr(args, name) for name in ("init_from", "out", "domains", "steps", "prompts_per_step",
                                                   "group_size", "max_new_tokens", "temperature", "lr", "eps_low",
                                                   "eps_high", "mtp_weight", "num_speculative_tokens", "eval_every",
                                                   "eval_n", "ckpt_every", "seed") if getattr(args, name) is not None}
@@ -322,9 +357,9 @@ def rl(args: argparse.Namespace) -> int:
     if args.no_progress:
         kw["progress"] = False
     if "init_from" not in kw:  # a run directory is fine too (its latest checkpoint): run() checks what is given
-        kw["init_from"] = text_model_dir(None, "mimo rl")
+        kw["init_from"] = text_model_dir(None, command)
     with user_errors(RLConfigError):
-        cfg = preset(args.preset, **kw)
+        cfg = preset(args.preset, kind, **kw)
     set_threads(args.threads)
     from mimo.posttrain.loop import run
     from mimo.posttrain.rewards import RewardError
@@ -355,4 +390,6 @@ COMMANDS = (
             distill_mtp),
     Command("rl", "GRPO on the task verifiers, rollouts through the engine (MTP drafts, routing replay)", _rl_args,
             rl),
+    Command("mopd", "multi-teacher on-policy distillation: a teacher per domain plus the verifiers, on the rl loop",
+            _mopd_args, mopd),
 )

@@ -1,0 +1,249 @@
+"""`mimo mopd`: multi-teacher on-policy distillation (posttraining-notes.md §2.3, §3) on the RL loop (loop.py).
+
+The student samples from itself; each response is scored by the one teacher of its prompt's domain (hard,
+prompt-level routing), and the policy-gradient objective of grpo.py gets a per-token advantage:
+
+    A_t = sg[log pi_d(x)(y_t) - log pi_theta(y_t)] * s_t  +  alpha * A_i
+    s_t = 0 where y_t is a special token (<|im_end|>, <|endoftext|>, ...), else 1     (notes §9.6)
+    A_i = GRPO's group-normalised outcome advantage of response i (the exact-match verifier)
+
+with GRPO's truncated IS mask w_t, 1/|y| per sequence, routing replay and one update per rollout batch:
+
+    L = -(1/B) sum_i (1/|y_i|) sum_t w_t A_t log pi_theta(y_t)
+
+The teacher term is the k1 estimate of -KL(pi_theta || pi_d) at the sampled token: minus the per-token reverse
+KL, logged as `reverse_kl` (mean over the distilled tokens) and `reverse_kl_by_domain`. log pi_theta is the
+trainer's (the replayed forward of the loss), as in Eq. 9; log pi_d is the teacher's at temperature 1 (verl
+forces the same), whatever the sampling temperature. Worked example, alpha 0.5, one response of a group with
+A_i = 1.5: a token the teacher gives log-prob -0.2 and the student -1.0 gets A_t = 0.8 + 0.75 = 1.55; the
+closing <|im_end|> gets only 0.75. With teacher = student (a "self" teacher at step 0) the first term is 0 and
+MOPD is alpha-scaled GRPO (minus GRPO's skipping of batches without reward variance: the teacher term
+teaches on every batch).
+
+Teachers: `(domain, directory or "self")` pairs; "self" is the student's starting weights (`init_from`, also
+after `--resume`), MiMo's "Self" teachers. A directory used for several domains is loaded once. Teachers must
+share the student's tokenizer (tokenizer.json) and vocabulary size: the advantage compares log-probs of the
+same token ids. Each teacher runs one no-grad forward over the rows of its domains (prompt + response), with
+its own routing and logits at the response rows only; the prompt mixture already interleaves domains in a
+shuffled order within every batch (rewards.step_examples). Every row carries its domain, and scoring a row
+with a teacher of another domain raises TeacherRoutingError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimo.checkpoint import CheckpointError, load_model
+from mimo.model.config import ConfigError, ModelConfig
+from mimo.train.data import Batch
+from mimo.train.loop import TrainError
+
+from . import flops as flop_lib
+from . import grpo
+from .loop import Method, RLConfig, RLConfigError, model_dir, tokenizer_digest
+from .loop import preset as rl_preset
+from .rewards import DOMAINS
+from .rollout import RolloutBatch
+
+SELF = "self"
+
+
+class TeacherRoutingError(RuntimeError):
+    """A row was scored by a teacher of another domain (a bug in the routing, never an input error)."""
+
+
+@dataclass
+class Teacher:
+    source: str  # the directory given, or "self"
+    domains: tuple[str, ...]  # the domains routed to it
+    model: torch.nn.Module
+
+
+@dataclass
+class MOPDBatch(Batch):
+    """GRPO's training rows plus what the teacher term needs."""
+
+    teacher_logprobs: torch.Tensor | None = None  # [B, T] log pi_d(x)(labels) at temperature 1; 0 off the response
+    distill_mask: torch.Tensor | None = None  # [B, T] bool: response tokens that are not special tokens
+    domains: tuple[str, ...] = ()  # each row's domain
+
+
+def parse_teacher(text: str) -> tuple[str, str]:
+    """"add=runs/add-teacher" -> ("add", "runs/add-teacher"); "sort=self" -> ("sort", "self"). ValueError
+    for a missing "=", an unknown domain or an empty source."""
+    domain, eq, source = text.partition("=")
+    domain, source = domain.strip(), source.strip()
+    if not eq or not source:
+        raise ValueError(f"expected DOMAIN=DIR or DOMAIN=self, got {text!r}")
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r} in {text!r}; known domains: {','.join(DOMAINS)}")
+    return domain, source
+
+
+@dataclass(frozen=True)
+class MOPDConfig(RLConfig):
+    out: str = "runs/mopd"
+    teachers: tuple[tuple[str, str], ...] = ()  # (domain, teacher directory or "self"), one per domain
+    alpha: float = 0.5  # weight of the GRPO outcome advantage; MiMo combines by default, its value unpublished
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        pairs = tuple((str(d), str(s)) for d, s in self.teachers)  # JSON gives lists
+        object.__setattr__(self, "teachers", pairs)
+        for d, s in pairs:
+            if d not in DOMAINS:
+                raise RLConfigError(f"MOPDConfig.teachers: unknown domain {d!r}; known domains: {','.join(DOMAINS)}")
+            if not s:
+                raise RLConfigError(f"MOPDConfig.teachers: no teacher given for {d!r}")
+        named = [d for d, _ in pairs]
+        if len(set(named)) < len(named):
+            dup = next(d for d in named if named.count(d) > 1)
+            raise RLConfigError(f"two teachers for domain {dup!r}: routing is one teacher per domain")
+        missing = [d for d in self.domains if d not in named]
+        if missing:
+            raise RLConfigError(f"domain {missing[0]!r} of the prompt mixture has no teacher (give --teacher "
+                                f"{missing[0]}=DIR, or {missing[0]}=self for the starting weights)")
+        extra = [d for d in named if d not in self.domains]
+        if extra:
+            raise RLConfigError(f"a teacher for {extra[0]!r}, which is not in the prompt mixture "
+                                f"({','.join(self.domains)})")
+        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha < math.inf:
+            raise RLConfigError(f"MOPDConfig.alpha must be a finite number >= 0, got {self.alpha!r}")
+
+    def method(self, init: Path, tokenizer, student: ModelConfig) -> Method:
+        teachers = load_teachers(self.teachers, init, student)
+        special = torch.tensor(sorted(tokenizer.special_ids), dtype=torch.long)
+        advantage = token_advantage(self.alpha, self.domains)
+
+        def score(rb: RolloutBatch, batch: Batch) -> tuple[MOPDBatch, grpo.TokenAdvantage, int]:
+            mb, spent = score_rollouts(teachers, rb, batch, special)
+            return mb, advantage, spent
+
+        return Method("mopd", score, lambda sums: summarise(sums, self.domains), skip_without_reward_variance=False)
+
+
+def load_teachers(pairs: Sequence[tuple[str, str]], init: Path, student: ModelConfig) -> list[Teacher]:
+    """The teacher of every (domain, source) pair, each source loaded once, frozen, in eval mode. TrainError
+    (one line, naming the --teacher flag) for a directory that is missing, unloadable, or has another
+    tokenizer or vocabulary size than the student (`init`, `student`)."""
+    by_source: dict[str, list[str]] = {}
+    for d, s in pairs:
+        by_source.setdefault(s, []).append(d)
+    want = tokenizer_digest(init)
+    teachers = []
+    for source, domains in by_source.items():
+        flag = f"--teacher {domains[0]}={source}"
+        path = init if source == SELF else model_dir(source, flag)
+        if tokenizer_digest(path) != want:
+            raise TrainError(f"{flag}: its tokenizer differs from the student's (--init-from {init}); MOPD "
+                             "compares log-probs of the same token ids")
+        try:
+            model = load_model(path, dtype=torch.float32)
+        except (CheckpointError, ConfigError, FileNotFoundError, OSError, RuntimeError) as e:
+            raise TrainError(f"{flag}: cannot load {path}: {str(e).splitlines()[0]}") from None
+        if model.config.vocab_size != student.vocab_size:
+            raise TrainError(f"{flag}: vocabulary of {model.config.vocab_size} ids, the student's has "
+                             f"{student.vocab_size}; MOPD compares log-probs of the same token ids")
+        model.eval().requires_grad_(False)
+        teachers.append(Teacher(source, tuple(domains), model))
+    return teachers
+
+
+def teacher_logprobs(teacher: Teacher, batch: MOPDBatch) -> tuple[torch.Tensor, int]:
+    """(log pi_teacher(labels) at temperature 1 [B, T], 0 off the response; the forward's FLOPs). Raises
+    TeacherRoutingError if a row's domain is not one of the teacher's."""
+    wrong = [d for d in batch.domains if d not in teacher.domains]
+    if wrong or len(batch.domains) != batch.input_ids.shape[0]:
+        raise TeacherRoutingError(f"teacher {teacher.source} (domains {','.join(teacher.domains)}) asked to score rows "
+                           f"of domains {','.join(batch.domains)}")
+    B, T = batch.input_ids.shape
+    with torch.no_grad():
+        hidden = teacher.model.forward_hidden(batch.input_ids)
+        logits = teacher.model.logits(hidden[batch.mask])  # [N, V]: response rows only
+        out = torch.zeros(B, T, dtype=torch.float32)
+        out[batch.mask] = grpo.token_logprobs(logits, batch.labels[batch.mask], 1.0)
+    return out, flop_lib.scoring_flops(teacher.model.config, B, T, int(batch.mask.sum()))
+
+
+def _rows(batch: MOPDBatch, rows: list[int]) -> MOPDBatch:
+    """Rows `rows` of the batch, cut to their longest response (padding beyond it is never scored)."""
+    idx = torch.tensor(rows)
+    mask = batch.mask[idx]
+    T = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else 1
+    return MOPDBatch(batch.input_ids[idx, :T], batch.labels[idx, :T], mask[:, :T],
+                     domains=tuple(batch.domains[i] for i in rows))
+
+
+def score_batch(teachers: Iterable[Teacher], batch: MOPDBatch) -> tuple[torch.Tensor, int]:
+    """(teacher log-probs [B, T] with each row scored by its domain's teacher, their FLOPs): one forward
+    per teacher over its rows. TeacherRoutingError if a row's domain has no teacher."""
+    out = torch.zeros(batch.labels.shape, dtype=torch.float32)
+    scored = [False] * len(batch.domains)
+    spent = 0
+    for t in teachers:
+        rows = [i for i, d in enumerate(batch.domains) if d in t.domains]
+        if not rows:
+            continue
+        sub = _rows(batch, rows)
+        lp, f = teacher_logprobs(t, sub)
+        out[rows, :lp.shape[1]] = lp
+        spent += f
+        for i in rows:
+            scored[i] = True
+    if not all(scored):
+        raise TeacherRoutingError(f"no teacher for domain {batch.domains[scored.index(False)]!r}")
+    return out, spent
+
+
+def mopd_advantages(teacher_logp: torch.Tensor, student_logp: torch.Tensor, distill_mask: torch.Tensor,
+                    outcome: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A_t of the module docstring [B, T] from log-probs [B, T], the distilled tokens [B, T] and the outcome
+    advantages [B]. Example: teacher [-0.2, -0.5], student [-1.0, -0.5], distilled [1, 0], outcome 1.5,
+    alpha 0.5 -> [0.8 + 0.75, 0 + 0.75] = [1.55, 0.75]."""
+    teacher_term = torch.where(distill_mask, teacher_logp - student_logp, torch.zeros_like(student_logp))
+    return teacher_term + alpha * outcome[:, None]
+
+
+def token_advantage(alpha: float, domains: Sequence[str]) -> grpo.TokenAdvantage:
+    """MOPD's advantage for grpo_objective, with the sums behind `reverse_kl` (overall and per domain)."""
+
+    def advantage(b: MOPDBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        zero = torch.zeros_like(logp)
+        rkl = torch.where(b.distill_mask, logp - b.teacher_logprobs, zero)  # k1 of KL(pi_theta || pi_d) per token
+        n = b.distill_mask.float()
+        metrics = {"rkl": rkl.sum(), "distilled": n.sum()}
+        for d in domains:  # every domain, so every rank reduces the same keys
+            rows = torch.tensor([x == d for x in b.domains])
+            metrics[f"rkl/{d}"], metrics[f"distilled/{d}"] = rkl[rows].sum(), n[rows].sum()
+        return mopd_advantages(b.teacher_logprobs, logp, b.distill_mask, b.advantages, alpha), metrics
+
+    return advantage
+
+
+def score_rollouts(teachers: list[Teacher], rb: RolloutBatch, batch: Batch, special: torch.Tensor
+                   ) -> tuple[MOPDBatch, int]:
+    """The rows with their domains, distilled tokens (response tokens not in `special`) and teacher log-probs,
+    and the teachers' FLOPs."""
+    mb = MOPDBatch(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(Batch)},
+                   domains=tuple(r.example.task for r in rb.rollouts))
+    mb.distill_mask = batch.mask & ~torch.isin(batch.labels, special)
+    mb.teacher_logprobs, spent = score_batch(teachers, mb)
+    return mb, spent
+
+
+def summarise(sums: dict[str, float], domains: Sequence[str]) -> dict[str, Any]:
+    """Global metric sums -> `reverse_kl` (nats per distilled token) and `reverse_kl_by_domain`."""
+    by_domain = {d: sums[f"rkl/{d}"] / sums[f"distilled/{d}"] for d in domains if sums[f"distilled/{d}"] > 0}
+    return {"reverse_kl": sums["rkl"] / max(sums["distilled"], 1.0), "reverse_kl_by_domain": by_domain}
+
+
+def preset(name: str, **overrides: Any) -> MOPDConfig:
+    """A MOPDConfig from one of loop.PRESETS (default, debug) and field overrides."""
+    return rl_preset(name, MOPDConfig, **overrides)
