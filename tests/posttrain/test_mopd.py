@@ -1,10 +1,14 @@
 """MOPD on hand-built log-probs (worked numbers, teacher = student, alpha 0 / 0.5, special tokens), through the
 shared objective (value and gradient), routing of rows to their domain's teacher, start-up errors (another
-tokenizer, another vocabulary, a domain without a teacher) and `mimo mopd` end to end with exact resume."""
+tokenizer, another vocabulary, a domain without a teacher) and `mimo mopd` end to end with exact resume, and
+under torchrun."""
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,3 +238,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, sort_teacher):
     wa = load_file(ckpt_io.find_checkpoint(tmp_path / "full") / "model.safetensors")
     wb = load_file(ckpt_io.find_checkpoint(tmp_path / "part") / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_mimo_mopd_runs_under_torchrun(tmp_path, sort_teacher):
+    """2 ranks (FSDP2 over gloo): each scores its own rollouts with its own copy of the teachers; the
+    per-domain sums behind the reverse KL and the teachers' FLOPs are global."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mimo.cli",
+           *_argv(out, "--teacher", "add=self", "--teacher", f"sort={sort_teacher}")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert set(rows[0]["reverse_kl_by_domain"]) == {"add", "sort"}
+    assert abs(rows[0]["reverse_kl_by_domain"]["add"]) < 1e-4 < rows[0]["reverse_kl_by_domain"]["sort"]
+    assert 0 < rows[0]["flops_by_kind"]["teacher"] < rows[1]["flops_by_kind"]["teacher"]
