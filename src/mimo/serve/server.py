@@ -121,6 +121,9 @@ def _bind(config: ServeConfig) -> socket.socket:
     except OSError as e:
         sock.close()
         raise ValueError(f"cannot listen on {config.host}:{config.port}: {e.strerror}") from None
+    # listening now, not when uvicorn starts: a client that reads the printed URL and connects at once waits
+    # in the backlog instead of being refused
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
