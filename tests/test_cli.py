@@ -12,7 +12,7 @@ import pytest
 from mimo.cli import main
 
 COMMANDS = ("generate", "kv-plan", "params", "pretrain", "sft", "eval", "recipe", "export", "distill-mtp", "rl",
-            "serve", "chat", "bench-serve")
+            "mopd", "serve", "chat", "bench-serve")
 
 
 def mimo(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
