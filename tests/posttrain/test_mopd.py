@@ -143,10 +143,8 @@ def test_rows_are_scored_by_their_domains_teacher():
 
 # ---- start-up errors and end to end --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def sort_teacher(tmp_path_factory) -> Path:
-    """A teacher that differs from the student: the bundled model with its weights perturbed."""
-    d = tmp_path_factory.mktemp("teacher") / "sort-teacher"
+def perturbed_teacher(d: Path) -> Path:
+    """A teacher that differs from the student: the bundled model with its weights perturbed, written to d."""
     model = load_model(DEFAULT_MODEL, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -156,6 +154,11 @@ def sort_teacher(tmp_path_factory) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(DEFAULT_MODEL / f, d / f)
     return d
+
+
+@pytest.fixture(scope="module")
+def sort_teacher(tmp_path_factory) -> Path:
+    return perturbed_teacher(tmp_path_factory.mktemp("teacher") / "sort-teacher")
 
 
 def _argv(out, *extra):

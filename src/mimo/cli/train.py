@@ -310,7 +310,7 @@ def _rl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _teacher(text: str) -> tuple[str, str]:
+def teacher_arg(text: str) -> tuple[str, str]:
     """"add=runs/add-rl" -> ("add", "runs/add-rl"); "sort=self" -> ("sort", "self")."""
     domain, eq, source = text.partition("=")
     names = _domains(domain)
@@ -321,7 +321,7 @@ def _teacher(text: str) -> tuple[str, str]:
 
 def _mopd_args(p: argparse.ArgumentParser) -> None:
     _rl_args(p)
-    p.add_argument("--teacher", type=_teacher, action="append", required=True, metavar="DOMAIN=DIR",
+    p.add_argument("--teacher", type=teacher_arg, action="append", required=True, metavar="DOMAIN=DIR",
                    help="the teacher of a domain: a model, run or checkpoint directory with the student's "
                    "tokenizer, or 'self' (the starting weights); once per domain")
     p.add_argument("--alpha", type=nonnegative_float, help="weight of the GRPO outcome advantage (default 0.5)")

@@ -1,0 +1,182 @@
+"""The MOPD experiment (posttraining-notes.md §9.3 stage S3, §9.4): arms trained from one student with the same
+prompts, seeds and steps; every run resumable; the results file written by code from the runs' metrics.
+
+NOT RUN AT SCALE: it needs domain teachers (RL specialists trained from the student) that do not exist yet.
+It is tested only on debug checkpoints (tests/posttrain/test_mopd_experiment.py), where its numbers mean
+nothing.
+
+    python -m experiments.mopd --student DIR --teacher add=DIR --teacher sort=DIR [--teacher reverse=self]
+        --out runs/mopd-exp [--preset default] [--seeds 0,1,2] [--steps N]
+
+Arms:
+    mopd-a0         MOPD, alpha 0 (distillation alone)
+    mopd-a0.5       MOPD, alpha 0.5 (plus the GRPO outcome advantage)
+    mix-rl          GRPO on the same prompt mixture: "RL from the student" without teachers
+    wrong-teacher   MOPD alpha 0 with each domain's teacher moved to the next domain (with >= 2 distinct
+                    teachers): does routing matter?
+Run directories OUT/ARM/seedS; a finished run is skipped, an interrupted one resumed (`--resume`, exact).
+
+Results (OUT/results.json, OUT/results.md), per arm (mean over seeds, and per seed in the JSON):
+    accuracy        final greedy held-out accuracy per domain
+    recovery        R_d = accuracy_d / teacher accuracy_d (mean and minimum over domains); each teacher is
+                    evaluated by the runs' own evaluation on the same held-out prompts (they depend on the
+                    seed), once per seed, cached in OUT/teachers.json
+    at_budget       accuracy per domain at the last evaluation within the smallest final FLOPs of any run:
+                    the arms compared at equal compute (MOPD pays for its teachers' forwards)
+    flops_to_95     FLOPs at the first evaluation reaching 95% of every teacher's accuracy (None: never)
+    flops           total and by ledger entry
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimo.checkpoint import load_model
+from mimo.cli.train import teacher_arg
+from mimo.engine import LLM
+from mimo.posttrain import loop
+from mimo.posttrain.mopd import SELF, MOPDConfig
+from mimo.train import checkpoint as ckpt_io
+from mimo.train.data import load_tokenizer
+from mimo.train.loop import read_metrics
+
+RESULTS_JSON, RESULTS_MD, TEACHERS_JSON = "results.json", "results.md", "teachers.json"
+
+
+def arms(teachers: tuple[tuple[str, str], ...]) -> dict[str, dict[str, Any]]:
+    """Arm name -> config kind and overrides. Example: teachers (add, A), (sort, S) -> wrong-teacher has
+    (add, S), (sort, A)."""
+    out = {"mopd-a0": dict(kind=MOPDConfig, teachers=teachers, alpha=0.0),
+           "mopd-a0.5": dict(kind=MOPDConfig, teachers=teachers, alpha=0.5),
+           "mix-rl": dict(kind=loop.RLConfig)}
+    sources = [s for _, s in teachers]
+    if len(set(sources)) > 1:
+        moved = sources[-1:] + sources[:-1]
+        out["wrong-teacher"] = dict(kind=MOPDConfig, teachers=tuple((d, s) for (d, _), s in zip(teachers, moved)),
+                                    alpha=0.0)
+    return out
+
+
+def run_arm(out: Path, arm: str, seed: int, spec: dict[str, Any], base: dict[str, Any],
+            stop_after: int | None = None) -> Path:
+    """Train (or finish, or skip) one arm at one seed; returns its run directory."""
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    if base["steps"]:
+        spec["steps"] = base["steps"]
+    run_dir = out / arm / f"seed{seed}"
+    cfg = loop.preset(base["preset"], kind, init_from=base["student"], out=str(run_dir), domains=base["domains"],
+                      seed=seed, progress=False, **spec)
+    if not ckpt_io.has_checkpoint(run_dir):
+        loop.run(cfg, stop_after=stop_after)
+    elif int(ckpt_io.load_train_state(ckpt_io.find_checkpoint(run_dir))["step"]) < cfg.steps:
+        loop.run(cfg, resume=run_dir, stop_after=stop_after)
+    return run_dir
+
+
+def teacher_accuracy(out: Path, base: dict[str, Any], teachers: tuple[tuple[str, str], ...], seeds: list[int]
+                     ) -> dict[str, dict[str, float]]:
+    """{seed: {domain: the domain's teacher's greedy held-out accuracy}} by the runs' evaluation; cached."""
+    cache = out / TEACHERS_JSON
+    acc = json.loads(cache.read_text()) if cache.is_file() else {}
+    cfg = loop.preset(base["preset"])
+    todo = [s for s in seeds if str(s) not in acc]
+    for d, source in teachers if todo else ():
+        path = loop.model_dir(base["student"] if source == SELF else source, f"--teacher {d}={source}")
+        tok = load_tokenizer(path)
+        llm = LLM(load_model(path, dtype=torch.float32), tokenizer=tok, max_model_len=128 + cfg.max_new_tokens,
+                  max_num_batched_tokens=2048)
+        for s in todo:
+            acc.setdefault(str(s), {})[d] = loop.greedy_accuracy(llm, tok, (d,), cfg.eval_n, s,
+                                                                 cfg.max_new_tokens)[0][d]
+    out.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(acc, indent=2) + "\n")
+    return {str(s): acc[str(s)] for s in seeds}
+
+
+def summarise_run(rows: list[dict[str, Any]], teacher_acc: dict[str, float], budget: float) -> dict[str, Any]:
+    evals = [r for r in rows if "eval_accuracy" in r]
+    final = evals[-1]["eval_accuracy"]
+    within = [r for r in evals if r["flops"] <= budget]
+    recovery = {d: final[d] / teacher_acc[d] if teacher_acc[d] > 0 else None for d in final}
+    known = [v for v in recovery.values() if v is not None]
+    reached = [r["flops"] for r in evals if all(r["eval_accuracy"][d] >= 0.95 * teacher_acc[d] for d in final)]
+    return {"accuracy": final, "recovery": recovery,
+            "recovery_mean": statistics.fmean(known) if known else None, "recovery_min": min(known, default=None),
+            "at_budget": within[-1]["eval_accuracy"] if within else None,
+            "flops_to_95": reached[0] if reached else None,
+            "flops": rows[-1]["flops"], "flops_by_kind": rows[-1]["flops_by_kind"]}
+
+
+def _mean(values: list[Any]) -> Any:
+    """Mean over seeds of numbers, or of dicts of numbers key by key; None if any seed has None."""
+    if any(v is None for v in values):
+        return None
+    if isinstance(values[0], dict):
+        return {k: _mean([v[k] for v in values]) for k in values[0]}
+    return statistics.fmean(values)
+
+
+def write_results(out: Path, run_dirs: dict[str, list[Path]], teacher_acc: dict[str, dict[str, float]]
+                  ) -> dict[str, Any]:
+    """results.json and results.md from the runs' metrics (run_dirs[arm][i] is seed list(teacher_acc)[i])."""
+    seeds = list(teacher_acc)
+    rows = {arm: [read_metrics(d) for d in dirs] for arm, dirs in run_dirs.items()}
+    budget = min(r[-1]["flops"] for runs in rows.values() for r in runs)
+    per_seed = {arm: [summarise_run(r, teacher_acc[s], budget) for r, s in zip(runs, seeds)]
+                for arm, runs in rows.items()}
+    keys = ("accuracy", "recovery_mean", "recovery_min", "at_budget", "flops_to_95", "flops")
+    mean_teacher = _mean(list(teacher_acc.values()))
+    results = {"teacher_accuracy": teacher_acc, "flop_budget": budget,
+               "arms": {arm: {"mean": {k: _mean([s[k] for s in runs]) for k in keys}, "seeds": runs}
+                        for arm, runs in per_seed.items()}}
+    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n")
+    domains = list(mean_teacher)
+
+    def fmt(x: Any) -> str:
+        return "-" if x is None else f"{x:.3g}"
+
+    lines = [f"# MOPD experiment (seeds {','.join(seeds)}; generated by experiments/mopd.py)", "",
+             "teacher accuracy (mean over seeds): " + ", ".join(f"{d} {mean_teacher[d]:.3f}" for d in domains),
+             f"equal-compute budget: {budget:.3g} FLOPs", "",
+             "| arm | " + " | ".join(f"acc {d}" for d in domains) + " | R mean | R min | "
+             + " | ".join(f"acc {d} at budget" for d in domains) + " | FLOPs to 95% | FLOPs |",
+             "|" + "---|" * (2 * len(domains) + 5)]
+    for arm, r in results["arms"].items():
+        m = r["mean"]
+        at = m["at_budget"] or {}
+        lines.append(f"| {arm} | " + " | ".join(fmt(m["accuracy"][d]) for d in domains)
+                     + f" | {fmt(m['recovery_mean'])} | {fmt(m['recovery_min'])} | "
+                     + " | ".join(fmt(at.get(d)) for d in domains)
+                     + f" | {fmt(m['flops_to_95'])} | {fmt(m['flops'])} |")
+    (out / RESULTS_MD).write_text("\n".join(lines) + "\n")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--student", required=True, help="the student's starting weights (model or run directory)")
+    p.add_argument("--teacher", type=teacher_arg, action="append", required=True, metavar="DOMAIN=DIR")
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="default", help="loop.PRESETS name (debug for a smoke run)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated")
+    p.add_argument("--steps", type=int, help="steps per run (default: the preset's)")
+    args = p.parse_args(argv)
+    teachers = tuple(args.teacher)
+    base = {"student": args.student, "preset": args.preset, "steps": args.steps,
+            "domains": tuple(d for d, _ in teachers)}
+    out = Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    teacher_acc = teacher_accuracy(out, base, teachers, seeds)
+    run_dirs = {arm: [run_arm(out, arm, s, spec, base) for s in seeds] for arm, spec in arms(teachers).items()}
+    return write_results(out, run_dirs, teacher_acc)
+
+
+if __name__ == "__main__":
+    main()
