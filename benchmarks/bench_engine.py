@@ -162,10 +162,10 @@ def main() -> None:
         table = tables[cls] = decode_table(llm, hf, prompts, cls, mt, cfgs, args.rounds)
         t_hf, t_off = table["hf"][0], table[0][0]
         print(f"  {cls:<10} transformers {t_hf:7.2f} ms/token")
-        for cfg in cfgs[1:]:
-            ms, al = table[cfg]
+        for c in cfgs[1:]:
+            ms, al = table[c]
             # cost of one verify step (+ its drafting round) in plain decode steps: speedup = AL / this
-            name = f"k={cfg}" if cfg != DEFAULT else DEFAULT
+            name = f"k={c}" if c != DEFAULT else DEFAULT
             print(f"  {cls:<10} engine {name:<8} {ms:7.2f} ms/token  AL {al:.2f}  {t_hf / ms:5.2f}x transformers  "
                   f"{t_off / ms:5.2f}x MTP-off  step cost {ms * al / t_off:4.2f}x a plain step")
 

@@ -33,7 +33,7 @@ import torch
 from mimo.engine.config import DEFAULT_MODEL, EngineConfig, SamplingParams
 from mimo.engine.kv_cache import KVCache
 from mimo.engine.planner import build_block_manager
-from mimo.engine.runner import ModelRunner, MTPState, draft_floor
+from mimo.engine.runner import SEEDED_BATCH, ModelRunner, MTPState, draft_floor
 from mimo.engine.sampler import (
     TokenLogprobs,
     compute_logprobs,
@@ -473,7 +473,8 @@ class LLM:
             # adaptive: each request drafts while its drafts pay for their cost at this batch size; a seeded
             # sampled request decides from its own history only, so its tokens do not depend on the batch
             private = [s.sampling_params.seed is not None and not s.sampling_params.is_greedy for s in seqs]
-            self.runner.draft(seqs, states, nds, [draft_floor(1 if p else len(seqs)) for p in private], private)
+            floors = [draft_floor(SEEDED_BATCH if p else len(seqs)) for p in private]
+            self.runner.draft(seqs, states, nds, floors, private)
 
     def _keep_routed(self, sid: str, start: int, rows: torch.Tensor) -> None:
         chunks = self._routed.setdefault(sid, [])

@@ -21,16 +21,19 @@ most frequent token ids only (byte-level BPE ids are in merge order, which follo
 drafting lm_head reads a quarter of the weights. Verification uses the full head, so outputs do not change;
 a draft outside the set is just never proposed. `draft_vocab_size=V` is the full-vocabulary reference.
 
-Adaptive drafting: each draft comes with its head probability c, turned into an acceptance estimate
-a = min(1, rate_k(c) f): rate_k(c) is head k's recent acceptance rate (all requests) among drafts of about
-that probability (`BUCKETS`), f how the request's own drafts fared against their estimates recently; the
-chain estimate P_i is the product of a over d_1..d_i. A draft joins the verify
+Adaptive drafting: each draft comes with its head probability c (at the request's temperature), turned
+into an acceptance estimate a: greedy, a = min(1, rate_k(c) f) with rate_k(c) head k's recent acceptance
+rate (all requests) among drafts of about that probability (`BUCKETS`); sampled, a = min(1, c f), since an
+argmax draft is accepted with its target probability, which a distilled head's probability estimates; f is
+how the request's own drafts fared against their estimates recently. The chain estimate P_i is the product
+of a over d_1..d_i. A draft joins the verify
 step only if it raises the expected tokens per unit of step cost: P_i (1 + r + f (i - 1)) >= (f + r [i = 1])
 (1 + P_1 + .. + P_{i-1}), f = the cost of one draft in plain decode steps (`draft_floor`, growing with the
 batch), r the round's fixed cost (`ROUND_SHARE` f, shared by the batch); the first draft that fails ends the
 sequence's chain and its later blocks do not run. A block runs only if its
 draft's expected estimate (the request's recent estimates for that block) passes the same rule, so a
-request whose expected first draft does not pay skips drafting, probing again every `PROBE_EVERY` steps. Greedy
+request whose expected first draft does not pay skips drafting; after `PROBE_EVERY` steps without a draft
+the first draft is proposed whatever its estimate, so a low estimate gets tested again. Greedy
 output does not depend on any of this (verification decides); sampled output stays exact because the drafts
 are still argmax picks (a point mass q) and how many are proposed depends only on what is already known.
 """
@@ -44,19 +47,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mimo.engine.config import GREEDY_EPS
 from mimo.engine.kv_cache import KVCache, Segment
 from mimo.engine.sequence import Sequence
 
 DECAY = 0.9  # per verify step, for a request's factor: about its last ten steps count
 HEAD_DECAY = 0.98  # per examined draft, for a head's calibration (all requests): about the last fifty per bucket
 BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)  # head-probability buckets of the calibration
-PRIOR_RATE = 0.7  # acceptance rate a bucket starts from: optimistic, so new heads get to draft and be measured
+PRIOR_RATE = 0.7  # acceptance a bucket and a new request's blocks start from: high enough that they draft
 FIRST_DECAY = 0.7  # per round, for a request's estimate of a block's draft: a probe that pays resumes soon
 RETRY = 0.05  # per skipped block: how fast a block's low estimate drifts back up so the block is retried
 PRIOR = 2.0  # pseudo-drafts a request's factor starts from (factor 1)
-PROBE_EVERY = 8  # a request that skips drafting tries again after this many steps
-
-
+PROBE_EVERY = 16  # steps without a draft after which a request proposes one anyway (a probe costs ~0.6 steps)
+SEEDED_BATCH = 16  # the batch a seeded sampled request's costs assume: fixed, its tokens must not depend on it
 ROUND_SHARE = 0.35  # a drafting round's fixed cost (views, bookkeeping), as a share of a draft's cost
 
 
@@ -65,8 +68,9 @@ def draft_floor(batch: int) -> float:
     drafting sequences. Measured on the default model (CPU, 1 thread): at batch 1 the first draft costs 0.58
     plain steps (the round's own cost, ROUND_SHARE of a draft, included), each further one 0.4: a verify row
     makes the MoE layers read the weights of more experts, a head's block is about a layer and a half. As the
-    verify rows of a large batch turn into real compute the cost rises towards 0.8."""
-    return 0.42 + 0.38 * batch / (batch + 16)
+    verify rows of a large batch turn into real compute the cost rises (measured 0.4 per draft at batch 4,
+    0.65 at 16 and 64 on code prompts)."""
+    return 0.42 + 0.4 * batch / (batch + 12)
 
 
 def default_draft_vocab_size(vocab_size: int) -> int:
@@ -88,11 +92,10 @@ class MTPState:
     ests: list[float] = field(default_factory=list)  # each draft's acceptance estimate, given the ones before
     hits: float = 0.0  # decayed count of this request's accepted drafts
     expect: float = 0.0  # decayed sum of the estimates of the drafts verification examined
-    own: list[float] = field(default_factory=lambda: [PRIOR_RATE * PRIOR, PRIOR])  # decayed (accepted, examined)
-    # decayed acceptance estimate of the draft of each block (from 1): whether running the block pays
+    # decayed acceptance estimate of the draft of each block (from PRIOR_RATE): whether running it pays
     mean_a: list[float] = field(default_factory=list)
     seen: tuple[int, int, int] | None = None  # the sequence's (verify steps, drafted, accepted) folded in
-    skipped: int = 0  # drafting rounds skipped in a row
+    dry: int = 0  # steps in a row that proposed no draft (skipped rounds, or a first draft below the rule)
 
     def append(self, start: int, rows: torch.Tensor, keep_from: int) -> None:
         """Add hidden rows of positions [start, start + len(rows)), dropping rows before keep_from."""
@@ -108,11 +111,6 @@ class MTPState:
         return self.h[lo - self.h_start:hi - self.h_start]
 
     @property
-    def own_rate(self) -> float:
-        """This request's recent acceptance rate of examined drafts (its own history only)."""
-        return self.own[0] / self.own[1]
-
-    @property
     def factor(self) -> float:
         """How this request's drafts fare against the estimates (1 until it has some history)."""
         return (self.hits + PRIOR) / (self.expect + PRIOR)
@@ -126,17 +124,22 @@ class MTPState:
             return []
         verified, accepted = now[1] - seen[1], now[2] - seen[2]
         m = min(accepted + 1, verified, len(self.probs))  # drafts proposed by someone else carry no estimate
-        self.hits = DECAY * self.hits + accepted
+        self.hits = DECAY * self.hits + min(accepted, m)
         self.expect = DECAY * self.expect + sum(self.ests[:m])
-        self.own = [DECAY * self.own[0] + min(accepted, m), DECAY * self.own[1] + m]
         return [(j, self.probs[j], j < accepted) for j in range(m)]
 
-    def wants_round(self, floor: float, private: bool = False) -> bool:
-        """Whether to draft this step: the expected first draft pays for itself, or a probe is due."""
-        if (self.own_rate if private else self.mean_a[0]) >= floor or self.skipped >= PROBE_EVERY:
-            self.skipped = 0
+    @property
+    def probe_due(self) -> bool:
+        """No draft was verified for PROBE_EVERY steps: propose the first one whatever its estimate, or a
+        low estimate would never be tested again (nothing verified, nothing learnt)."""
+        return self.dry >= PROBE_EVERY
+
+    def wants_round(self, floor: float) -> bool:
+        """Whether to draft this step: the expected first draft pays for its cost `floor` (in plain decode
+        steps), or a probe is due."""
+        if self.mean_a[0] >= floor or self.probe_due:
             return True
-        self.skipped += 1
+        self.dry += 1
         return False
 
 
@@ -162,9 +165,6 @@ class ModelRunner:
         # optimistic prior; the heads' probabilities are not acceptance rates (distilled heads are
         # underconfident: probability-0.2 drafts were accepted 9 times in 10 on code, 4 in 10 on chat tasks)
         self.calib = [[[PRIOR_RATE, 1.0] for _ in range(len(BUCKETS) + 1)] for _ in range(model.n_mtp)]
-        # per head: decayed mean estimate of its drafts over all requests, a new request's starting point
-        # (optimistic at first, so every block runs and is measured); a seeded sampled request starts from 1
-        self.mean_a = [1.0] * model.n_mtp
 
     def forward(self, items: list[tuple[Sequence, int, list[int]]], routing=None) -> torch.Tensor:
         """items: (seq, start position, query token ids). Returns pre-norm hidden states [N, D]; `routing`
@@ -198,9 +198,9 @@ class ModelRunner:
         floors[i] (default None: always num_drafts[i] drafts) turns on adaptive drafting (module docstring):
         the sequence's last verify outcome is folded into its calibration, it skips the round while its
         expected first draft is below floors[i], and its chain ends at the first draft whose chain estimate is
-        below floors[i], that draft dropped. private[i]: estimate from the sequence's own history only (a
+        below floors[i], that draft dropped. private[i]: decide from the sequence's own history only (a
         seeded sampled request: how many drafts it verifies decides which random draws make its tokens, so
-        that must not depend on other requests).
+        that must not depend on other requests): the round's whole fixed cost counts, not a batch share.
 
         Block k of a sequence runs over [lo_k, n), lo_k = max(its first non-final entry, n - W). Blocks that
         ran last round are a few positions behind and share the oldest of their lo's, so one step view serves
@@ -209,16 +209,28 @@ class ModelRunner:
         W, n_mtp = self.window, self.model.n_mtp
         n_of = [seq.num_computed_tokens for seq in seqs]
         own = private if private is not None else [False] * len(seqs)
-        for st, p in zip(states, private or [False] * len(seqs)):
-            if not st.mean_a:  # a new request starts from what the blocks' drafts have been worth recently
-                st.mean_a = [1.0] * n_mtp if p else list(self.mean_a)
+        for st in states:
+            if not st.mean_a:  # the blocks run in a request's first rounds and get measured
+                st.mean_a = [PRIOR_RATE] * n_mtp
+        # step cost in plain decode steps: 1, plus the round's fixed cost (shared by the batch; a private
+        # sequence counts it whole) once anything is drafted, plus floors[i] per draft
+        round_cost = [ROUND_SHARE * f / (1 if p else len(seqs)) for f, p in zip(floors or [0.0] * len(seqs), own)]
+
+        def spent(i: int, k: int) -> float:  # cost with k drafts
+            return 1.0 + (round_cost[i] + floors[i] * k if k else 0.0)
+
+        def extra(i: int, k: int) -> float:  # cost of the (k + 1)-th draft
+            return floors[i] + (round_cost[i] if k == 0 else 0.0)
+
         if floors is not None:
             num_drafts = list(num_drafts)
             for i, (seq, st) in enumerate(zip(seqs, states)):
-                for j, c, ok in st.observe(seq):
-                    h = self.calib[j][bisect.bisect(BUCKETS, c)]
-                    h[0], h[1] = HEAD_DECAY * h[0] + ok, HEAD_DECAY * h[1] + 1
-                if not st.wants_round(floors[i], own[i]):
+                examined = st.observe(seq)
+                if seq.sampling_params.is_greedy:  # the buckets calibrate greedy acceptance (argmax agreement)
+                    for j, c, ok in examined:
+                        h = self.calib[j][bisect.bisect(BUCKETS, c)]
+                        h[0], h[1] = HEAD_DECAY * h[0] + ok, HEAD_DECAY * h[1] + 1
+                if not st.wants_round(extra(i, 0)):  # the first draft's rule with an estimate of 1 before it
                     num_drafts[i] = 0
         los: list[list[int]] = []  # per sequence, per block
         for st, n, nd in zip(states, n_of, num_drafts):
@@ -231,16 +243,6 @@ class ModelRunner:
             los.append([shared if x >= near else x for x in lo])
             st.drafts, st.probs, st.ests = [], [], []
         head = self.draft_head()
-        # step cost in plain decode steps: 1, plus the round's fixed cost (shared by the batch; a private
-        # sequence counts it whole) once anything is drafted, plus floors[i] per draft
-        round_cost = [ROUND_SHARE * f / (1 if p else len(seqs)) for f, p in zip(floors or [0.0] * len(seqs), own)]
-
-        def spent(i: int, k: int) -> float:  # cost with k drafts
-            return 1.0 + (round_cost[i] + floors[i] * k if k else 0.0)
-
-        def extra(i: int, k: int) -> float:  # cost of the (k + 1)-th draft
-            return floors[i] + (round_cost[i] if k == 0 else 0.0)
-
         chain = [1.0] * len(seqs)  # estimate that every draft so far is accepted
         gain = [1.0] * len(seqs)  # expected tokens of the verify step with the drafts so far
         live = [i for i, nd in enumerate(num_drafts) if nd > 0]
@@ -276,20 +278,27 @@ class ModelRunner:
                                       torch.tensor([pos], device=self.device), views[key])[0]
             last = list(itertools.accumulate(lengths))  # each live sequence's row for its last position, + 1
             rows = u[-1:] if len(last) == 1 else u[torch.tensor(last, device=u.device) - 1]
-            prob, arg = torch.softmax(F.linear(rows, head).float(), dim=-1).max(-1)
+            # head probability of the draft at the request's temperature (1 for greedy rows: same argmax)
+            temp = torch.tensor([[t if t >= GREEDY_EPS else 1.0] for t in (seqs[i].sampling_params.temperature
+                                                                          for i in live)], device=rows.device)
+            prob, arg = torch.softmax(F.linear(rows, head).float() / temp, dim=-1).max(-1)
             tok = arg if self.draft_ids is None else self.draft_ids[arg]
             stopped = set()
             rate = [hits / n for hits, n in self.calib[k]]
             for i, t, c in zip(live, tok.tolist(), prob.tolist()):
                 st = states[i]
-                # acceptance estimate of this draft, given the drafts before it
-                a = st.own_rate if own[i] else min(1.0, rate[bisect.bisect(BUCKETS, c)] * st.factor)
+                # acceptance estimate of this draft, given the drafts before it: a sampled request accepts
+                # an argmax draft with its target probability, which the (distilled) head's probability at
+                # that temperature estimates; greedy acceptance is argmax agreement, calibrated per bucket
+                if seqs[i].sampling_params.is_greedy:
+                    a = min(1.0, rate[bisect.bisect(BUCKETS, c)] * st.factor)
+                else:
+                    a = min(1.0, c * st.factor)
                 st.mean_a[k] = FIRST_DECAY * st.mean_a[k] + (1 - FIRST_DECAY) * a
-                if not own[i]:
-                    self.mean_a[k] = HEAD_DECAY * self.mean_a[k] + (1 - HEAD_DECAY) * a
                 # the marginal rule: one more draft (gain P_i tokens) raises the expected tokens per unit of
                 # step cost iff P_i * (cost so far) >= (its cost) * (tokens so far)
-                if floors is not None and chain[i] * a * spent(i, k) < extra(i, k) * gain[i]:
+                forced = k == 0 and st.probe_due
+                if floors is not None and not forced and chain[i] * a * spent(i, k) < extra(i, k) * gain[i]:
                     stopped.add(i)
                     continue
                 chain[i] *= a
@@ -298,3 +307,7 @@ class ModelRunner:
                 st.probs.append(c)
                 st.ests.append(a)
             live = [i for i in live if i not in stopped]
+        if floors is not None:
+            for i, nd in enumerate(num_drafts):
+                if nd > 0:  # skipped rounds counted in wants_round
+                    states[i].dry = 0 if states[i].drafts else states[i].dry + 1
