@@ -47,9 +47,11 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
-def test_debug_run_end_to_end(tmp_path):
+def test_debug_run_end_to_end(tmp_path, monkeypatch):
     """Two steps of rollouts + update, a greedy eval, every metric logged and finite, curves and a loadable
     checkpoint; the trainer moved the weights, and the FLOP ledger only grows."""
+    # rollouts with every draft proposed (adaptive drafting off), so the acceptance metric has drafts to count
+    monkeypatch.setattr("mimo.engine.llm.draft_floor", lambda batch: 0.0)
     res = run(_cfg(tmp_path))
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]

@@ -200,7 +200,7 @@ class ModelRunner:
         expected first draft is below floors[i], and its chain ends at the first draft whose chain estimate is
         below floors[i], that draft dropped. private[i]: decide from the sequence's own history only (a
         seeded sampled request: how many drafts it verifies decides which random draws make its tokens, so
-        that must not depend on other requests): the round's whole fixed cost counts, not a batch share.
+        that must not depend on other requests): its costs assume a batch of SEEDED_BATCH, whatever the batch.
 
         Block k of a sequence runs over [lo_k, n), lo_k = max(its first non-final entry, n - W). Blocks that
         ran last round are a few positions behind and share the oldest of their lo's, so one step view serves
@@ -213,8 +213,9 @@ class ModelRunner:
             if not st.mean_a:  # the blocks run in a request's first rounds and get measured
                 st.mean_a = [PRIOR_RATE] * n_mtp
         # step cost in plain decode steps: 1, plus the round's fixed cost (shared by the batch; a private
-        # sequence counts it whole) once anything is drafted, plus floors[i] per draft
-        round_cost = [ROUND_SHARE * f / (1 if p else len(seqs)) for f, p in zip(floors or [0.0] * len(seqs), own)]
+        # sequence assumes SEEDED_BATCH, as its floor does) once anything is drafted, plus floors[i] per draft
+        round_cost = [ROUND_SHARE * f / (SEEDED_BATCH if p else len(seqs))
+                      for f, p in zip(floors or [0.0] * len(seqs), own)]
 
         def spent(i: int, k: int) -> float:  # cost with k drafts
             return 1.0 + (round_cost[i] + floors[i] * k if k else 0.0)
