@@ -60,7 +60,7 @@ def test_task_weights_set_the_shares():
 def test_only_sft_start_changes_its_sft_data():
     assert sft_data("tiny") == sft_data("debug") == SFTData()
     opts = sft_data("sft-start")
-    assert opts.spell_answers and opts.group_by_length and opts.task_weights is not None
+    assert opts.spell_answers and opts.task_weights is not None and opts.replay_task_fraction > 0
 
 
 def _convs(n=300):
@@ -96,3 +96,18 @@ def test_group_by_length_resumes_exactly(tok):
     # a state from before the option existed resumes an ungrouped loader
     old = {k: v for k, v in SFTLoader(convs, tok, 16, seed=2).state_dict().items() if k != "group_by_length"}
     SFTLoader(convs, tok, 16, seed=2).load_state_dict(old)
+
+
+def test_replay_batch_holds_task_documents(tokenizer_dir):
+    """sft-start's packed micro-batch replays code + task documents; other recipes' holds code only."""
+    from mimo.train.data import StageData, build_corpus, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    im_start = tok.encode_chat([{"role": "user", "content": "x"}])[0]
+    share = {}
+    for recipe in ("sft-start", "debug"):
+        cfg = get_stage("debug", "sft").replace(recipe=recipe, corpus_max_bytes=40_000, steps=4, batch_size=8,
+                                                seq_len=64, code_fraction=0.2, tokenizer=str(tokenizer_dir))
+        data = StageData(cfg, tok, build_corpus(cfg))
+        share[recipe] = float((data.code.tokens == im_start).mean())
+    assert share["debug"] == 0.0 and share["sft-start"] > 0.01

@@ -154,8 +154,10 @@ class StageData:
             self.sft = SFTLoader(convs, tokenizer, cfg.batch_size, seed=cfg.seed, max_len=cfg.seq_len,
                                  encode=encode, group_by_length=opts.group_by_length, **kw)
             if cfg.code_fraction > 0:
-                self.code = PackedStream(corpus.texts("train"), tokenizer, cfg.sft_code_rows, cfg.seq_len,
-                                         seed=cfg.seed, **kw)
+                docs = corpus.texts("train")
+                if opts.replay_task_fraction > 0:
+                    docs = mixed_documents(docs, mix=opts.replay_task_fraction, seed=cfg.seed, tasks=tasks)
+                self.code = PackedStream(docs, tokenizer, cfg.sft_code_rows, cfg.seq_len, seed=cfg.seed, **kw)
             val_convs = [task_lib.to_messages(ex) for ex in task_lib.mixed_examples(
                 VAL_EXAMPLES_PER_TASK, "heldout", cfg.seed, tasks)]
             val = SFTLoader(val_convs, tokenizer, cfg.batch_size, shuffle=False, max_len=cfg.seq_len,
