@@ -149,3 +149,12 @@ def test_generate_streams_the_engine_text_with_the_default_model(capsys):
     ref = llm.generate(chats, SamplingParams(max_tokens=8, temperature=0))
     assert cap.out == f">>> sort 5 3 9 1\n{ref[0].text}\n>>> def add(a, b):\n{ref[1].text}\n"
     assert len(cap.err.strip().splitlines()) == 2 and "tokens/s" in cap.err
+
+
+def test_eval_pass_at_k_on_the_ood_split(capsys):
+    assert main(["eval", "--model", "models/mimo-tiny", "--tasks", "sort", "--n", "3", "--split", "ood",
+                 "--pass-k", "1,2", "--samples", "2", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["split"] == "ood" and set(out["pass_at_k"]["sort"]) == {"pass@1", "pass@2", "greedy"}
+    assert 0.0 <= out["pass_at_k"]["sort"]["pass@1"] <= out["pass_at_k"]["sort"]["pass@2"] <= 1.0
+    assert "--samples" in one_error_line(mimo("eval", "--model", "models/mimo-tiny", "--pass-k", "9"))

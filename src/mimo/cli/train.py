@@ -22,6 +22,7 @@ from mimo.cli import (
     nonnegative_int,
     positive_float,
     positive_int,
+    positive_int_list,
     progress_bar,
     set_threads,
     text_model_dir,
@@ -58,14 +59,15 @@ def _tasks(text: str) -> list[str]:
     return tasks
 
 
-def _evaluate(model_dir, tasks, n: int, seed: int = 0, max_new_tokens: int = 24, progress: bool = True) -> dict:
-    """Task accuracy of a model or checkpoint directory, with a progress bar over the examples."""
+def _evaluate(model_dir, tasks, n: int, seed: int = 0, max_new_tokens: int = 24, progress: bool = True,
+              split: str = "heldout") -> dict:
+    """Greedy task accuracy of a model or checkpoint directory, with a progress bar over the examples."""
     from mimo.train.eval import evaluate_tasks, load_for_eval
 
     with user_errors(ValueError, OSError):
         model, tok = load_for_eval(model_dir)
     with progress_bar(len(tasks) * n, "eval", progress) as bar:
-        return evaluate_tasks(model, tok, tasks, n, seed, max_new_tokens, progress=bar.update)
+        return evaluate_tasks(model, tok, tasks, n, seed, max_new_tokens, split=split, progress=bar.update)
 
 
 # ---- one stage ---------------------------------------------------------------------------------------------
@@ -135,17 +137,35 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=positive_int, default=100, help="held-out examples per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=positive_int, default=24)
+    p.add_argument("--split", choices=("heldout", "ood"), default="heldout",
+                   help="held-out prompts, or out-of-distribution ones (longer inputs than training)")
+    p.add_argument("--pass-k", type=positive_int_list, metavar="K,K", help="also pass@k for these k (e.g. 1,8) "
+                   "from --samples samples per prompt at --temperature, decoded by the engine")
+    p.add_argument("--samples", type=positive_int, default=8, help="samples per prompt for --pass-k")
+    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="sampling temperature for --pass-k")
     p.add_argument("--threads", type=positive_int)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def evaluate(args: argparse.Namespace) -> int:
     model_dir = text_model_dir(args.model, "mimo eval")
+    if args.pass_k and max(args.pass_k) > args.samples:
+        raise UserError(f"--pass-k {max(args.pass_k)} needs at least that many --samples, got {args.samples}")
     set_threads(args.threads)
     t0 = time.perf_counter()
-    acc = _evaluate(model_dir, args.tasks, args.n, args.seed, args.max_new_tokens, not args.no_progress)
-    print(json.dumps({"model": args.model, "n_per_task": args.n, "accuracy": acc,
-                      "seconds": round(time.perf_counter() - t0, 1)}))
+    out = {"model": args.model, "split": args.split, "n_per_task": args.n}
+    if args.pass_k:
+        from mimo.train.eval import evaluate_pass_at_k, load_for_eval
+
+        with user_errors(ValueError, OSError):
+            model, tok = load_for_eval(model_dir)
+        print(f"sampling {args.samples} completions of {len(args.tasks) * args.n} prompts ...", file=sys.stderr)
+        out["pass_at_k"] = evaluate_pass_at_k(model, tok, args.tasks, args.n, args.samples, args.pass_k,
+                                              args.temperature, args.split, args.seed, args.max_new_tokens)
+    else:
+        out["accuracy"] = _evaluate(model_dir, args.tasks, args.n, args.seed, args.max_new_tokens,
+                                    not args.no_progress, args.split)
+    print(json.dumps({**out, "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
 
 
