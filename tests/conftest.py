@@ -12,6 +12,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # on a shared 2-core machine, 2 OpenMP threads per process can be 10-100x slower than 1 (spin-waiting);
+    # restored after each test, since commands under test (--threads) set their own
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def randomize_extras(model: Transformer, seed: int = 0) -> Transformer:
     """Give sinks and router biases non-zero values so tests exercise them."""
     g = torch.Generator().manual_seed(seed)

@@ -1,20 +1,10 @@
 import pytest
-import torch
 
 from mimo.data import Tokenizer, load_corpus, mixed_documents
 from mimo.recipes import get_stage
 
 # small enough that a debug run is a couple of seconds, large enough for a 64-token window
 CORPUS_BYTES = 40_000
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # on a shared 2-core machine, 2 OpenMP threads per process can be 10-100x slower than 1 (spin-waiting)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

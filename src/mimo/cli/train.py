@@ -108,24 +108,32 @@ def _stage_config(args: argparse.Namespace):
         return cfg.replace(**kw)
 
 
-def train_stage(args: argparse.Namespace) -> int:
-    cfg = _stage_config(args)
-    if args.corpus is not None and not Path(args.corpus).is_dir():
-        raise UserError(f"corpus directory not found: {args.corpus}")
-    set_threads(args.threads)
+def _run_training(run, cfg, args: argparse.Namespace, stops: tuple[type[Exception], ...] = ()) -> int:
+    """Run a training loop (pretrain / sft / rl / mopd) under torchrun or not, print its summary on rank 0;
+    a diverged run (or one of `stops`) exits 1 with the last good checkpoint named."""
     from mimo.train import parallel
-    from mimo.train.loop import TrainingDiverged, run
+    from mimo.train.step import TrainingDiverged
 
     try:
         with user_errors(*_train_errors()):
             summary = run(cfg, resume=args.resume, stop_after=args.stop_after)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, *stops) as e:
         return _diverged(e)
     finally:
         parallel.shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("model", "tokenizer")}))
     return 0
+
+
+def train_stage(args: argparse.Namespace) -> int:
+    cfg = _stage_config(args)
+    if args.corpus is not None and not Path(args.corpus).is_dir():
+        raise UserError(f"corpus directory not found: {args.corpus}")
+    set_threads(args.threads)
+    from mimo.train.loop import run
+
+    return _run_training(run, cfg, args)
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------
@@ -383,19 +391,8 @@ def _posttrain(args: argparse.Namespace, command: str, kind, kw: dict) -> int:
     set_threads(args.threads)
     from mimo.posttrain.loop import run
     from mimo.posttrain.rewards import RewardError
-    from mimo.train import parallel
-    from mimo.train.step import TrainingDiverged
 
-    try:
-        with user_errors(*_train_errors()):
-            summary = run(cfg, resume=args.resume, stop_after=args.stop_after)
-    except (TrainingDiverged, RewardError) as e:
-        return _diverged(e)
-    finally:
-        parallel.shutdown()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("model", "tokenizer")}))
-    return 0
+    return _run_training(run, cfg, args, stops=(RewardError,))
 
 
 COMMANDS = (

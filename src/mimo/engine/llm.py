@@ -551,7 +551,7 @@ class LLM:
             for j in range(sp.n):
                 stream = TextStream(self.tokenizer, sp.stop) if self.tokenizer is not None else None
                 acc[rid, j] = dict(prompt=p if isinstance(p, str) else None, ids=i, toks=[], lps=[], stream=stream,
-                                   done=None, routed=None)
+                                   done=None, routed=None, want_lps=sp.logprobs is not None)
         pending = len(acc)
         while pending:
             for d in self.step():
@@ -588,7 +588,7 @@ class LLM:
             if routed is not None:  # cut with the tokens (a stop string): the inputs of prompt + toks[:-1]
                 routed = routed[:len(a["ids"]) + len(toks) - 1]
             outs.append(RequestOutput(rid, a["prompt"], a["ids"], toks, text, True, reason, m,
-                                      lps if params[rids.index(rid)].logprobs is not None else None, j,
+                                      lps if a["want_lps"] else None, j,
                                       stop_reason, routed))
         return outs
 

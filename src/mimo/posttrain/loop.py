@@ -46,7 +46,7 @@ from mimo.model.moe import MoE
 from mimo.train import checkpoint as ckpt_io
 from mimo.train import parallel
 from mimo.train.data import Batch, DataError, load_tokenizer
-from mimo.train.loop import TrainError, read_metrics
+from mimo.train.loop import TrainError, read_metrics, stopped
 from mimo.train.optim import param_groups
 from mimo.train.step import TrainingDiverged, forward_backward, optimizer_step
 
@@ -455,9 +455,7 @@ def run(cfg: RLConfig, resume: str | Path | None = None, stop_after: int | None 
             if done % cfg.ckpt_every == 0 or done == end:
                 last_ckpt = save(done)
     except TrainingDiverged as e:
-        where = ckpt_io.find_checkpoint(out) if ckpt_io.has_checkpoint(out) else None
-        kept = f"; last good checkpoint: {where}" if where else "; no checkpoint was written yet"
-        raise TrainingDiverged(f"{e}: training stopped{kept}") from None
+        raise stopped(e, out) from None
     finally:
         if bar is not None:
             bar.close()

@@ -11,6 +11,7 @@ calls), usage counted on the kept tokens, and the request's metrics observed whe
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -457,8 +458,6 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
         return await completion_full(gens, cid, created, tok, req.logprobs is not None)
 
     async def completion_full(gens: list[Generation], cid, created, tok, want_lp):
-        import asyncio
-
         async def one(gen):
             acc = [dict(text=[], lps=[], finish=None, stop=None) for _ in gen.choices]
             async for ev in _guarded(gen.events()):
@@ -572,8 +571,6 @@ async def _primed(it: AsyncIterator[ChoiceEvent]) -> AsyncIterator[ChoiceEvent]:
 async def _stream(chunks: AsyncIterator[str], anthropic: bool = False) -> Response:
     """An SSE response; admission errors before the first chunk are plain HTTP errors (429 / 400 / 503), and an
     error after the stream started is sent as an error event, then the stream ends."""
-    import asyncio
-
     async def body(first: str | None, it):
         if first is not None:
             yield first

@@ -163,6 +163,13 @@ def lm_objective(n_heads: int, lm_w: float, mtp_w: float, aux_coef: float, count
     return loss_fn
 
 
+def stopped(e: TrainingDiverged, out: Path) -> TrainingDiverged:
+    """The error a diverged run ends with: what went wrong and which checkpoint is the last good one."""
+    where = ckpt_io.find_checkpoint(out) if ckpt_io.has_checkpoint(out) else None
+    kept = f"; last good checkpoint: {where}" if where else "; no checkpoint was written yet"
+    return TrainingDiverged(f"{e}: training stopped{kept}")
+
+
 def train_step(model, opt, sched, micro: list[Batch], cfg: TrainConfig, step: int,
                code: Batch | None = None, world_size: int = 1) -> dict[str, Any]:
     """One optimizer step over this rank's micro-batches (and the SFT code micro-batch); returns global
@@ -453,9 +460,7 @@ def run(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | No
             if done % cfg.ckpt_every == 0 or done == end:
                 last_ckpt = save(done)
     except TrainingDiverged as e:
-        where = ckpt_io.find_checkpoint(out) if ckpt_io.has_checkpoint(out) else None
-        kept = f"; last good checkpoint: {where}" if where else "; no checkpoint was written yet"
-        raise TrainingDiverged(f"{e}: training stopped{kept}") from None
+        raise stopped(e, out) from None
     finally:
         if bar is not None:
             bar.close()
