@@ -41,6 +41,11 @@ def test_unknown_recipe(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_stage_missing_from_recipe(tmp_path, capsys):
+    assert main(["sft", "--recipe", "debug", "--stage", "sft2", "--out", str(tmp_path / "x")]) == 2
+    assert "recipe 'debug' has no stage 'sft2'" in one_error_line(capsys)
+
+
 def test_missing_corpus_directory(tmp_path, capsys):
     missing = tmp_path / "no-such-corpus"
     assert main(["pretrain", "--recipe", "debug", "--out", str(tmp_path / "x"), "--corpus", str(missing)]) == 2

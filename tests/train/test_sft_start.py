@@ -9,7 +9,7 @@ import pytest
 from mimo import tasks as task_lib
 from mimo.data import SFTLoader, Tokenizer
 from mimo.engine.llm import DEFAULT_MODEL
-from mimo.recipes import SFTData, get_stage, sft_data
+from mimo.recipes import SFTData, final_stage, get_recipe, get_stage, sft_data
 from mimo.train.data import DataError, sft_train_examples, spelled_answer_encoder
 
 
@@ -41,6 +41,17 @@ def test_reverse_answers_differ_from_bpe(tok):
     longer = sum(len(encode(task_lib.to_messages(ex))[0]) > len(tok.encode_chat_with_mask(
         task_lib.to_messages(ex))[0]) for ex in examples)
     assert longer > 40
+
+
+def test_stages_chain_in_recipe_order():
+    """`mimo recipe` runs a recipe's stages in dict order and its result is the last stage's checkpoint."""
+    stages = get_recipe("sft-start", "r")
+    assert list(stages) == ["pretrain", "mtp", "sft", "sft2"]
+    assert final_stage(stages) is stages["sft2"]
+    for before, after in zip(list(stages.values()), list(stages.values())[1:]):
+        assert after.init_from == before.out
+    assert stages["sft2"].seed != stages["sft"].seed  # new conversations, not the first stage's again
+    assert list(get_recipe("tiny")) == ["pretrain", "mtp", "sft"]
 
 
 def test_task_weights_set_the_shares():

@@ -198,7 +198,7 @@ def _recipe_stages(recipe: str, out: str):
 def recipe(args: argparse.Namespace) -> int:
     """Every stage in order (a stage with checkpoints resumes, a finished one is skipped), then the task
     accuracy and, with --export, the model directory and its model card."""
-    from mimo.recipes import STAGE_ORDER
+    from mimo.recipes import final_stage
 
     stages = _recipe_stages(args.recipe, args.out or f"runs/{args.recipe}")
     set_threads(args.threads)
@@ -206,8 +206,8 @@ def recipe(args: argparse.Namespace) -> int:
     from mimo.train.loop import TrainingDiverged, run
 
     timings = {}
-    for name in STAGE_ORDER:
-        cfg = stages[name].replace(progress=not args.no_progress)
+    for name, cfg in stages.items():
+        cfg = cfg.replace(progress=not args.no_progress)
         t0 = time.perf_counter()
         try:
             with user_errors(*_train_errors()):
@@ -221,7 +221,7 @@ def recipe(args: argparse.Namespace) -> int:
             return _diverged(e)
         timings[name] = round(time.perf_counter() - t0, 1)
         print(json.dumps({"stage": name, "seconds": timings[name], **summary}), file=sys.stderr)
-    final = find_checkpoint(stages[STAGE_ORDER[-1]].out)
+    final = find_checkpoint(final_stage(stages).out)
     from mimo.tasks import TASKS
 
     t0 = time.perf_counter()
@@ -248,7 +248,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 def export(args: argparse.Namespace) -> int:
     """Evaluate a finished recipe run and export its final model with a model card."""
-    from mimo.recipes import STAGE_ORDER
+    from mimo.recipes import final_stage
 
     stages = _recipe_stages(args.recipe, args.runs or f"runs/{args.recipe}")
     set_threads(args.threads)
@@ -256,7 +256,7 @@ def export(args: argparse.Namespace) -> int:
     from mimo.train.export import export_model
 
     with user_errors(*_train_errors()):
-        final = find_checkpoint(stages[STAGE_ORDER[-1]].out)
+        final = find_checkpoint(final_stage(stages).out)
     wall: dict[str, float] = {}
     if args.log and Path(args.log).is_file():
         for m in re.finditer(r"^== (\w+) done in (\d+) s", Path(args.log).read_text(), re.M):
@@ -398,7 +398,7 @@ def _posttrain(args: argparse.Namespace, command: str, kind, kw: dict) -> int:
 COMMANDS = (
     Command("pretrain", "pretraining stage of a recipe, or --stage mtp (1 MTP head -> 3, trunk frozen)",
             _stage_args(("pretrain", "mtp")), train_stage),
-    Command("sft", "supervised fine-tuning on chat data (loss on assistant tokens)", _stage_args(("sft",)),
+    Command("sft", "supervised fine-tuning on chat data (loss on assistant tokens)", _stage_args(("sft", "sft2")),
             train_stage),
     Command("eval", "task accuracy of a model (greedy, held-out split)", _eval_args, evaluate),
     Command("recipe", "every stage of a recipe in order, then eval (and --export)", _recipe_args, recipe),
