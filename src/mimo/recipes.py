@@ -32,6 +32,7 @@ from pathlib import Path
 
 from mimo.train.config import TrainConfig
 
+
 class RecipeError(ValueError):
     pass
 
