@@ -324,6 +324,8 @@ def _rl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int)
     p.add_argument("--temperature", type=positive_float)
     p.add_argument("--lr", type=positive_float)
+    p.add_argument("--warmup-steps", type=nonnegative_int, help="linear LR warmup (Adam's first steps are "
+                   "sign-like: a full-LR first step moves every weight by the LR)")
     p.add_argument("--eps-low", type=unit_fraction, help="IS mask: drop tokens with trainer/sampler ratio below")
     p.add_argument("--eps-high", type=positive_float, help="IS mask: drop tokens with ratio above")
     p.add_argument("--mtp-weight", type=nonnegative_float, help="MTP head loss on the rollouts (0 = heads frozen)")
@@ -377,9 +379,10 @@ def _posttrain(args: argparse.Namespace, command: str, kind, kw: dict) -> int:
     from mimo.posttrain.loop import RLConfigError, preset
 
     kw |= {name: getattr(args, name) for name in ("init_from", "out", "domains", "steps", "prompts_per_step",
-                                                  "group_size", "max_new_tokens", "temperature", "lr", "eps_low",
-                                                  "eps_high", "mtp_weight", "num_speculative_tokens", "eval_every",
-                                                  "eval_n", "ckpt_every", "seed") if getattr(args, name) is not None}
+                                                  "group_size", "max_new_tokens", "temperature", "lr", "warmup_steps",
+                                                  "eps_low", "eps_high", "mtp_weight", "num_speculative_tokens",
+                                                  "eval_every", "eval_n", "ckpt_every", "seed")
+           if getattr(args, name) is not None}
     if args.no_routing_replay:
         kw["routing_replay"] = False
     if args.no_progress:

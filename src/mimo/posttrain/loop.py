@@ -212,13 +212,14 @@ def update_on_rollouts(model, opt, sched, rb: RolloutBatch, cfg: RLConfig, step:
     return m, dict(zip(("logprob", "backward", "teacher"), spent))
 
 
-def greedy_accuracy(llm: LLM, tokenizer, domains, n: int, seed: int, max_tokens: int) -> tuple[dict, int]:
-    """Held-out exact-match accuracy per domain (greedy, engine) and the FLOPs it took.
+def greedy_accuracy(llm: LLM, tokenizer, domains, n: int, seed: int, max_tokens: int, split: str = "heldout"
+                    ) -> tuple[dict, int]:
+    """Exact-match accuracy per domain on `split` (greedy, engine) and the FLOPs it took.
 
     No MTP drafts: greedy tokens do not depend on them, but how many drafts a greedy request makes follows the
     engine's acceptance calibration over its whole history, so with drafts the eval FLOPs after a `--resume`
     (a new engine) would differ from the uninterrupted run's."""
-    examples = [ex for d in domains for ex in task_lib.generate_examples(d, n, "heldout", seed)]
+    examples = [ex for d in domains for ex in task_lib.generate_examples(d, n, split, seed)]
     outs = llm.generate([prompt_ids(tokenizer, ex) for ex in examples],
                         SamplingParams(max_tokens=max_tokens, temperature=0), num_speculative_tokens=0)
     correct = dict.fromkeys(domains, 0)

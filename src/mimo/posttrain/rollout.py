@@ -67,15 +67,16 @@ def completion_text(tokenizer, ids: list[int]) -> str:
 
 
 def generate_rollouts(llm: LLM, tokenizer, examples: list[task_lib.Example], group_size: int, seeds: list[int],
-                      max_tokens: int, temperature: float = 1.0) -> RolloutBatch:
-    """`group_size` samples of each example (sample j of example i seeded seeds[i] + j), scored."""
+                      max_tokens: int, temperature: float = 1.0, drafts: int | None = None) -> RolloutBatch:
+    """`group_size` samples of each example (sample j of example i seeded seeds[i] + j), scored; `drafts`
+    overrides the engine's MTP drafts per step (0 = plain decoding)."""
     keys = ("prompt_tokens", "generated_tokens", "drafted_tokens", "accepted_tokens", "verify_steps")
     before = llm.stats()
     t0 = time.perf_counter()
     ids = [prompt_ids(tokenizer, ex) for ex in examples]
     params = [SamplingParams(n=group_size, seed=s, temperature=temperature, max_tokens=max_tokens, logprobs=0,
                              logprobs_mode="processed", routed_experts=True) for s in seeds]
-    outs = llm.generate(ids, params)
+    outs = llm.generate(ids, params, num_speculative_tokens=drafts)
     seconds = time.perf_counter() - t0
     after = llm.stats()
     rollouts = []

@@ -1,0 +1,195 @@
+"""The teachers' report (issue 9 §5), written by code from their RL runs: each run's final model is exported
+(bf16) to EXPORT/DOMAIN with a model card, and the exported teachers (what MOPD loads) are evaluated next to the
+start on every domain, held-out and OOD (greedy, engine), their rollouts timed with MTP drafts on and off, and
+their curves plotted.
+
+    python -m experiments.teachers --start models/sft-start --teacher sort=runs/teach/sort ...
+        [--export models/teachers] [--out docs/results] [--eval-n 100] [--rounds 3]
+
+Writes OUT/teachers.md, OUT/teachers.json and OUT/teachers-curves.png. Rollout timing: the teacher's own
+domain, one rollout batch as `mimo rl` makes it (the default preset: 16 prompts x 8 samples at temperature 1),
+drafts on (every MTP head, adaptive) and off alternately, after one warm-up batch of each; the figure is the
+median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimo.checkpoint import load_model, save_model
+from mimo.cli.train import teacher_arg
+from mimo.engine import LLM
+from mimo.posttrain import loop
+from mimo.posttrain.rewards import step_examples
+from mimo.posttrain.rollout import generate_rollouts
+from mimo.tasks import TASKS
+from mimo.train import checkpoint as ckpt_io
+from mimo.train.data import load_tokenizer
+from mimo.train.export import MODEL_FILES
+from mimo.train.loop import read_metrics
+
+REPORT_MD, REPORT_JSON, CURVES_PNG = "teachers.md", "teachers.json", "teachers-curves.png"
+OOD_MAX_TOKENS = 40  # the longest OOD answer (sort, 14 digits) is 27 characters + <|im_end|>
+
+
+def export_teacher(run_dir: Path, dest: Path, domain: str) -> Path:
+    """The run's last checkpoint as a bf16 model directory with a model card naming its RL settings."""
+    ckpt = ckpt_io.find_checkpoint(run_dir)
+    cfg = json.loads((ckpt / loop.CONFIG_FILE).read_text())
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(load_model(ckpt, dtype=torch.float32), tmp, dtype=torch.bfloat16)
+    for f in MODEL_FILES[2:]:  # the tokenizer files
+        shutil.copyfile(ckpt / f, tmp / f)
+    step = int(ckpt_io.load_train_state(ckpt)["step"])
+    (tmp / "README.md").write_text(
+        f"# {domain} teacher\n\nGRPO (`mimo rl`) on `{domain}` prompts for {step} steps from `{cfg['init_from']}`, "
+        f"stored in bfloat16 (router weights float32). Measured figures: docs/results/teachers.md.\n\n"
+        f"RL settings (`{loop.CONFIG_FILE}` of the run):\n\n```json\n{json.dumps(cfg, indent=2)}\n```\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def evaluate(model_dir: Path, n: int) -> dict[str, dict[str, float]]:
+    tok = load_tokenizer(model_dir)
+    llm = LLM(load_model(model_dir, dtype=torch.float32), tokenizer=tok, max_model_len=128 + OOD_MAX_TOKENS,
+              max_num_batched_tokens=2048)
+    return {"heldout": loop.greedy_accuracy(llm, tok, TASKS, n, 0, loop.RLConfig.max_new_tokens)[0],
+            "ood": loop.greedy_accuracy(llm, tok, TASKS, n, 0, OOD_MAX_TOKENS, split="ood")[0]}
+
+
+def rollout_timing(model_dir: Path, domain: str, preset: str = "default", rounds: int = 3) -> dict[str, float]:
+    """Tokens/s of one rollout batch of the `preset` with drafts on and off (interleaved; medians)."""
+    tok = load_tokenizer(model_dir)
+    cfg = loop.preset(preset, init_from=str(model_dir), domains=(domain,))
+    llm = LLM(load_model(model_dir, dtype=torch.float32), tokenizer=tok, max_num_seqs=cfg.prompts_per_step *
+              cfg.group_size, max_model_len=128 + cfg.max_new_tokens, max_num_batched_tokens=2048, seed=0)
+    examples = step_examples(cfg.domains, cfg.prompts_per_step, 0, 0)
+    seeds = [loop.sample_seed(0, 0, i) for i in range(len(examples))]
+    rate: dict[str, list[float]] = {"on": [], "off": []}
+    accepted = []
+    for r in range(rounds + 1):
+        for mode, drafts in (("on", None), ("off", 0)):
+            rb = generate_rollouts(llm, tok, examples, cfg.group_size, seeds, cfg.max_new_tokens, cfg.temperature,
+                                   drafts=drafts)
+            if r:  # round 0 warms up (and calibrates adaptive drafting)
+                rate[mode].append(rb.num_tokens / rb.seconds)
+                if mode == "on":
+                    accepted.append(1 + rb.engine["accepted_tokens"] / max(rb.engine["verify_steps"], 1))
+    on, off = statistics.median(rate["on"]), statistics.median(rate["off"])
+    return {"tok_per_s_mtp_on": on, "tok_per_s_mtp_off": off, "speedup": on / off,
+            "acceptance_length": statistics.median(accepted)}
+
+
+def rl_command(cfg: dict[str, Any]) -> str:
+    """The `mimo rl` command line of a run's saved config: the flags that differ from the defaults."""
+    default = json.loads(json.dumps(loop.RLConfig(init_from=cfg["init_from"]).to_json_dict()))
+    flags = {"init_from": "--init-from", "domains": "--domains", "num_speculative_tokens": "--drafts"}
+    parts = ["mimo rl"]
+    for k, v in cfg.items():
+        if k in ("out", "progress") or (v == default.get(k) and k != "init_from"):
+            continue
+        v = ",".join(v) if k == "domains" else v
+        parts.append(f"{flags.get(k, '--' + k.replace('_', '-'))} {v}")
+    return " ".join(parts)
+
+
+def curves(run_dir: Path, domain: str) -> dict[str, list[float]]:
+    """Greedy held-out accuracy of the run's own evaluations against cumulative FLOPs and wall time (hours
+    from the end of step 1, resumption gaps removed: a step longer than 10x the median counts as the median)."""
+    rows = read_metrics(run_dir)
+    steps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+    med = statistics.median(steps) if steps else 0.0
+    wall, t = [0.0], 0.0
+    for dt in steps:
+        t += med if dt > 10 * med else dt
+        wall.append(t / 3600)
+    ev = [(r, w) for r, w in zip(rows, wall) if "eval_accuracy" in r]
+    return {"step": [r["step"] for r, _ in ev], "flops": [r["flops"] for r, _ in ev],
+            "hours": [w for _, w in ev], "accuracy": [r["eval_accuracy"][domain] for r, _ in ev]}
+
+
+def plot(curve: dict[str, dict[str, list[float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for d, c in curve.items():
+        axes[0].plot(c["flops"], c["accuracy"], "o-", label=d)
+        axes[1].plot(c["hours"], c["accuracy"], "o-", label=d)
+    for ax, x in zip(axes, ("FLOPs (ledger: rollouts, log-probs, updates, evals)", "wall time (hours, 1 thread)")):
+        ax.set_xlabel(x)
+        ax.set_ylabel("greedy held-out accuracy (own domain)")
+        ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0, 1)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, start: Path, report: dict[str, Any]) -> None:
+    def row(name: str, acc: dict[str, dict[str, float]]) -> str:
+        return (f"| {name} | " + " | ".join(f"{acc['heldout'][t]:.2f}" for t in TASKS) + " | "
+                + " | ".join(f"{acc['ood'][t]:.2f}" for t in TASKS) + " |")
+
+    lines = ["# Teachers (generated by experiments/teachers.py)", "",
+             f"One GRPO teacher per domain (`mimo rl --domains D`). Greedy exact-match accuracy through the engine "
+             f"on {report['eval_n']} prompts per task (seed 0), held-out and OOD; the teachers as exported (bf16).",
+             "Target: held-out greedy accuracy at least 0.9 on the teacher's own domain.", "",
+             "| model | " + " | ".join(f"held-out {t}" for t in TASKS) + " | " + " | ".join(f"OOD {t}" for t in TASKS)
+             + " |", "|---" * (1 + 2 * len(TASKS)) + "|", row(f"start (`{start}`)", report["start"])]
+    for d, t in report["teachers"].items():
+        lines.append(row(f"{d} teacher", t["accuracy"]))
+    lines += ["", "Commands (`OMP_NUM_THREADS=1`, `--threads 1`; the flags that differ from `mimo rl`'s defaults):", ""]
+    lines += [f"- {d}: `{t['command']}`" for d, t in report["teachers"].items()]
+    lines += ["", "| teacher | own domain: start -> teacher | target 0.9 | steps | FLOPs | hours | rollout tok/s MTP "
+              "on / off | ratio | acceptance length |", "|---" * 9 + "|"]
+    for d, t in report["teachers"].items():
+        c, r = t["curve"], t["rollouts"]
+        own = t["accuracy"]["heldout"][d]
+        lines.append(f"| {d} | {report['start']['heldout'][d]:.2f} -> {own:.2f} | {'met' if own >= 0.9 else 'NOT met'}"
+                     f" | {c['step'][-1]} | {c['flops'][-1]:.3g} | {c['hours'][-1]:.2f} | "
+                     f"{r['tok_per_s_mtp_on']:.0f} / {r['tok_per_s_mtp_off']:.0f} | {r['speedup']:.2f} | "
+                     f"{r['acceptance_length']:.2f} |")
+    lines += ["", f"![accuracy against FLOPs and wall time]({CURVES_PNG})", ""]
+    (out / REPORT_MD).write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--start", required=True, help="the model the teachers started from")
+    p.add_argument("--teacher", type=teacher_arg, action="append", required=True, metavar="DOMAIN=RUN_DIR")
+    p.add_argument("--export", default="models/teachers")
+    p.add_argument("--out", default="docs/results")
+    p.add_argument("--eval-n", type=int, default=100)
+    p.add_argument("--preset", default="default", help="RL preset whose rollout batch is timed (debug: smoke run)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rollout batches per mode")
+    args = p.parse_args(argv)
+    out, start = Path(args.out), Path(args.start)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"eval_n": args.eval_n, "start": evaluate(start, args.eval_n), "teachers": {}}
+    for d, run_dir in args.teacher:
+        dest = export_teacher(Path(run_dir), Path(args.export) / d, d)
+        cfg = json.loads((ckpt_io.find_checkpoint(run_dir) / loop.CONFIG_FILE).read_text())
+        report["teachers"][d] = {"run": run_dir, "command": rl_command(cfg), "accuracy": evaluate(dest, args.eval_n),
+                                 "curve": curves(Path(run_dir), d),
+                                 "rollouts": rollout_timing(dest, d, args.preset, args.rounds)}
+    (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    plot({d: t["curve"] for d, t in report["teachers"].items()}, out / CURVES_PNG)
+    write_report(out, start, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""experiments/teachers.py on a debug RL run (its numbers mean nothing here): the exported teacher is bf16 and
+loads, the report's figures are the exported model's own and the run's own, the command reproduces the run."""
+
+import json
+
+import torch
+from experiments import teachers as rep
+
+from mimo.checkpoint import load_model
+from mimo.cli import main
+from mimo.engine import LLM
+from mimo.engine.config import DEFAULT_MODEL
+from mimo.posttrain import loop
+from mimo.train.data import load_tokenizer
+from mimo.train.loop import read_metrics
+
+
+def test_report_from_a_debug_run(tmp_path):
+    run_dir = tmp_path / "rl-sort"
+    assert main(["rl", "--preset", "debug", "--init-from", str(DEFAULT_MODEL), "--out", str(run_dir), "--domains",
+                 "sort", "--lr", "3e-5", "--warmup-steps", "1", "--no-progress"]) == 0
+    out, export = tmp_path / "docs", tmp_path / "teachers"
+    report = rep.main(["--start", str(DEFAULT_MODEL), "--teacher", f"sort={run_dir}", "--export", str(export),
+                       "--out", str(out), "--eval-n", "3", "--preset", "debug", "--rounds", "1"])
+
+    teacher = load_model(export / "sort", dtype=None)
+    assert teacher.model.embed_tokens.weight.dtype == torch.bfloat16
+    tok = load_tokenizer(export / "sort")
+    llm = LLM(load_model(export / "sort", dtype=torch.float32), tokenizer=tok, max_model_len=200)
+    t = report["teachers"]["sort"]
+    assert t["accuracy"]["heldout"] == loop.greedy_accuracy(llm, tok, ("add", "reverse", "sort"), 3, 0, 24)[0]
+    evals = [r for r in read_metrics(run_dir) if "eval_accuracy" in r]
+    assert t["curve"]["step"] == [r["step"] for r in evals]
+    assert t["curve"]["accuracy"] == [r["eval_accuracy"]["sort"] for r in evals]
+    assert t["command"].startswith(f"mimo rl --init-from {DEFAULT_MODEL} --domains sort")
+    assert "--lr 3e-05 --warmup-steps 1" in t["command"]
+    r = t["rollouts"]
+    assert r["tok_per_s_mtp_on"] > 0 and r["tok_per_s_mtp_off"] > 0 and r["acceptance_length"] >= 1
+    assert json.loads((out / rep.REPORT_JSON).read_text()) == json.loads(json.dumps(report))
+    md = (out / rep.REPORT_MD).read_text()
+    assert "| sort teacher |" in md and t["command"] in md and (out / rep.CURVES_PNG).stat().st_size > 1000
+    assert "sort" in (export / "sort" / "README.md").read_text()
