@@ -25,7 +25,6 @@ import torch
 
 from mimo import tasks as task_lib
 from mimo.engine import LLM, SamplingParams
-from mimo.engine import llm as llm_mod
 from mimo.engine.llm import DEFAULT_MODEL
 from mimo.engine.planner import request_kv
 
@@ -53,22 +52,20 @@ def params_for(cls: str, max_tokens: int, seed: int) -> SamplingParams:
 
 
 @contextlib.contextmanager
-def drafting(cfg):
+def drafting(llm, cfg):
     """DEFAULT: the engine as it ships (adaptive drafting). A fixed number of drafts: adaptive drafting off, so
-    every step proposes all of them (a zero cost per draft: every draft pays for itself)."""
-    real = llm_mod.draft_floor
-    if cfg != DEFAULT:
-        llm_mod.draft_floor = lambda batch: 0.0
+    every step proposes all of them."""
+    llm.adaptive_drafting = cfg == DEFAULT
     try:
         yield None if cfg == DEFAULT else cfg  # the num_speculative_tokens to pass
     finally:
-        llm_mod.draft_floor = real
+        llm.adaptive_drafting = True
 
 
 def engine_run(llm, prompts, sp, cfg):
     """Generate under configuration cfg (see `drafting`); (seconds, generated tokens, accepted drafts,
     verify steps)."""
-    with drafting(cfg) as k:
+    with drafting(llm, cfg) as k:
         t0 = time.perf_counter()
         outs = llm.generate(prompts, sp, num_speculative_tokens=k)
         dt = time.perf_counter() - t0

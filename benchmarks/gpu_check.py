@@ -74,7 +74,7 @@ def main() -> int:
         sp = params_for(cls, mt, 0)
         off = [o.token_ids for o in llm.generate(prompts, sp, num_speculative_tokens=0)]
         for cfg in (*range(1, n_mtp + 1), DEFAULT):
-            with drafting(cfg) as k:
+            with drafting(llm, cfg) as k:
                 outs = llm.generate(prompts, sp, num_speculative_tokens=k)
             on = [o.token_ids for o in outs]
             acc = sum(o.metrics.num_accepted for o in outs)

@@ -80,6 +80,18 @@ def test_greedy_mtp_on_equals_off(model, k):
     _check_speculation_did_work(llm, commits, k, model.config.sliding_window)
 
 
+def test_adaptive_drafting_off_verifies_every_draft():
+    """The bundled model's heads: adaptive drafting proposes fewer drafts than k per step; with it off every
+    verify step carries all k, and greedy output is the same either way."""
+    prompt = [[5, 9, 14, 3, 7, 7, 21, 30]]
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    outs = {a: LLM(num_speculative_tokens=3, adaptive_drafting=a).generate(prompt, sp)[0] for a in (True, False)}
+    assert outs[True].token_ids == outs[False].token_ids
+    fixed, adaptive = outs[False].metrics, outs[True].metrics
+    assert fixed.num_drafted == 3 * fixed.num_verify_steps > 0
+    assert adaptive.num_drafted < 3 * adaptive.num_verify_steps
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_preemption_by_tiny_pool_keeps_greedy_output(model, k):
     """A full pool that holds ~2 long requests forces recompute preemption of younger ones mid-speculation."""
@@ -216,11 +228,10 @@ def test_sampled_mtp_matches_model_distribution_and_broken_rule_fails(monkeypatc
     T, K, P, N, L = 1.3, 3, 0.9, 2500, 4
     exact = _exact_joint(model, prompt, L, T, K, P)
     assert int((exact == 0).sum()) > 0, "the filter removes nothing: the test would not see it ignored"
-    # the random heads' drafts would not pay: adaptive drafting off, so every step verifies 3 drafts
-    monkeypatch.setattr(llm_mod, "draft_floor", lambda batch: 0.0)
-
     def run():
-        llm = _engine(model, num_speculative_tokens=3, max_num_seqs=64, max_num_batched_tokens=512)
+        # the random heads' drafts would not pay: adaptive drafting off, so every step verifies 3 drafts
+        llm = _engine(model, num_speculative_tokens=3, max_num_seqs=64, max_num_batched_tokens=512,
+                      adaptive_drafting=False)
         return llm, _chi2_pvalue_ok(_empirical(llm, prompt, N, L, T, K, P), exact)
 
     llm, (ok, stat, dof) = run()

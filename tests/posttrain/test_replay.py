@@ -8,7 +8,6 @@ import torch
 from mimo import tasks as task_lib
 from mimo.checkpoint import load_model
 from mimo.engine import LLM, SamplingParams
-from mimo.engine import llm as llm_mod
 from mimo.engine.config import DEFAULT_MODEL
 from mimo.posttrain import grpo
 from mimo.posttrain.loop import moe_layer_ids
@@ -18,13 +17,6 @@ from mimo.train.loop import RoutingRecord
 EX = task_lib.Example("sort", "sort 1", "1")
 
 
-@pytest.fixture(autouse=True)
-def _every_draft(monkeypatch):
-    """Replay must hold across accepted and rejected drafts: every step proposes all 3 (adaptive drafting,
-    which would draft little on these prompts, off)."""
-    monkeypatch.setattr(llm_mod, "draft_floor", lambda batch: 0.0)
-
-
 @pytest.fixture
 def model():
     """The bundled trained model: its MTP heads draft well enough that verification accepts and rejects."""
@@ -32,8 +24,10 @@ def model():
 
 
 def _rollouts(model):
+    # replay must hold across accepted and rejected drafts: every step proposes all 3 (adaptive drafting,
+    # which would draft little on these prompts, off)
     llm = LLM(model, num_speculative_tokens=3, max_model_len=64, max_num_seqs=8, block_size=4,
-              max_num_batched_tokens=32)
+              max_num_batched_tokens=32, adaptive_drafting=False)
     prompts = [[5, 9, 14, 3], [7, 7, 21, 30, 2, 11]]
     # temperature 0.8: sharp enough that verification accepts some drafts and rejects others
     sp = [SamplingParams(n=4, seed=10 * i, temperature=0.8, max_tokens=12, ignore_eos=True, logprobs=0,

@@ -173,7 +173,8 @@ class LLM:
                  max_model_len: int | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
                  tokenizer: Any = None, max_num_batched_tokens: int = 1024, block_size: int = 16,
                  num_full_blocks: int | None = None, num_sliding_blocks: int | None = None,
-                 kv_cache_bytes: int | None = None, seed: int = 0, draft_vocab_size: int | None = None):
+                 kv_cache_bytes: int | None = None, seed: int = 0, draft_vocab_size: int | None = None,
+                 adaptive_drafting: bool = True):
         model, tok = _load(model, dtype, device)
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer if tokenizer is not None else tok
@@ -203,6 +204,9 @@ class LLM:
         self.scheduler = Scheduler(self.config, self.block_manager, eos_token_id=eos)
         # draft_vocab_size: the MTP heads draft among this many most frequent ids (runner; None = its default)
         self.runner = ModelRunner(self.model, self.cache, device, draft_vocab_size)
+        # off: every decode step verifies all of its request's drafts (fixed-k speculation, the reference the
+        # adaptive policy is measured against)
+        self.adaptive_drafting = adaptive_drafting
         self._rng = torch.Generator().manual_seed(seed)
         self._gens: dict[str, torch.Generator | None] = {}
         self._mtp: dict[str, MTPState] = {}
@@ -472,6 +476,9 @@ class LLM:
         if seqs:
             # adaptive: each request drafts while its drafts pay for their cost at this batch size; a seeded
             # sampled request decides from its own history only, so its tokens do not depend on the batch
+            if not self.adaptive_drafting:
+                self.runner.draft(seqs, states, nds)
+                return
             private = [s.sampling_params.seed is not None and not s.sampling_params.is_greedy for s in seqs]
             floors = [draft_floor(SEEDED_BATCH if p else len(seqs)) for p in private]
             self.runner.draft(seqs, states, nds, floors, private)
