@@ -30,11 +30,12 @@ def test_two_process_rl_step_matches_one(tmp_path):
     assert m2["mtp_loss"] == pytest.approx(m1["mtp_loss"], rel=1e-4)
     moved = 0
     for name, w in one["state"].items():
-        # Adam's first step is lr * g / (|g| + eps): a gradient near eps turns the ranks' different summation
-        # order (~1e-7 relative) into up to ~1e-6 here; the update itself is lr = 1e-3 per element
-        torch.testing.assert_close(two["state"][name], w, rtol=1e-4, atol=1e-5, msg=name)
+        # the SGD update lr * g (two_process_step.py, up to ~3e-5 per element) compared as an update; atol is
+        # the float32 rounding of weights of magnitude ~0.5 (ulp 6e-8)
+        torch.testing.assert_close(two["state"][name] - one["init"][name], w - one["init"][name], rtol=1e-3,
+                                   atol=6e-8, msg=name)
         moved += int(not torch.equal(w, one["init"][name]))
-    assert moved > len(one["state"]) // 2  # the update moved most tensors (by lr = 1e-3, 100x the tolerance)
+    assert moved > len(one["state"]) // 2  # the update moved most tensors
 
 
 def test_mimo_rl_runs_under_torchrun(tmp_path):

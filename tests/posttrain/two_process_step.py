@@ -42,7 +42,10 @@ def main(out: str) -> None:
     mine = RolloutBatch(rs[info.rank * per:(info.rank + 1) * per], G)
     model = parallel.apply_parallelism(model, info.world_size)
     cfg = RLConfig(lr=1e-3, mtp_weight=0.1)
-    opt = torch.optim.AdamW(param_groups(model, 0.0), lr=cfg.lr, betas=cfg.betas, foreach=False)
+    # SGD: the update is lr times the (clipped) gradient, so equal updates mean equal gradients. AdamW's first
+    # step lr * g / (|g| + eps) is ill-conditioned where a gradient cancels to about eps: there the ranks'
+    # summation order moved weights by up to 1.4e-5 of a 1e-3 step on one machine and not on another.
+    opt = torch.optim.SGD(param_groups(model, 0.0), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     metrics, _ = update_on_rollouts(model, opt, sched, mine, cfg, 0, 0, info.world_size)
     state = parallel.full_model_state(model)

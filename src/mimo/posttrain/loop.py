@@ -92,8 +92,10 @@ class RLConfig:
     group_size: int = 8
     max_new_tokens: int = 24
     temperature: float = 1.0  # top-k / top-p stay off: the trainer's log-probs must be the sampler's
-    lr: float = 1e-4
-    warmup_steps: int = 0  # linear warmup, then constant
+    # docs/results/rl-probes.md: on models/sft-start lr 1e-4 without warmup collapsed sort at the first update
+    # (AdamW's first step moves every weight by about the LR); 1e-5 .. 2e-5 with warmup did no damage
+    lr: float = 2e-5
+    warmup_steps: int = 10  # linear warmup, then constant
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
