@@ -112,9 +112,20 @@ def sft_start(out: str = "runs/sft-start") -> dict[str, TrainConfig]:
     return {"pretrain": pre, "mtp": mtp, "sft": sft, "sft2": sft2}
 
 
-RECIPES = {"debug": debug, "tiny": tiny, "sft-start": sft_start}
+def teacher_sft(out: str = "runs/teacher-sft") -> dict[str, TrainConfig]:
+    """One stage per domain, each independent (not a chain): SFT of `models/sft-start` on that domain's
+    conversations alone, the first half of a domain teacher before GRPO. A teacher is judged on its own
+    domain only, so there is no code replay. LR as sft2's."""
+    sft = sft_start()["sft2"]
+    return {d: sft.replace(recipe="teacher-sft", out=f"{out}/{d}", init_from="models/sft-start", tasks=(d,),
+                           steps=300, code_fraction=0.0, seed=2, ckpt_every=50, eval_every=50, keep_checkpoints=6)
+            for d in ("add", "reverse", "sort")}
+
+
+RECIPES = {"debug": debug, "tiny": tiny, "sft-start": sft_start, "teacher-sft": teacher_sft}
 SFT_DATA = {"sft-start": SFTData(task_weights=(("add", 0.4), ("reverse", 0.4), ("sort", 0.2)), spell_answers=True,
-                                  replay_task_fraction=0.3)}
+                                  replay_task_fraction=0.3),
+            "teacher-sft": SFTData(spell_answers=True)}
 
 
 def get_recipe(name: str, out: str | Path | None = None) -> dict[str, TrainConfig]:

@@ -46,6 +46,11 @@ def test_stage_missing_from_recipe(tmp_path, capsys):
     assert "recipe 'debug' has no stage 'sft2'" in one_error_line(capsys)
 
 
+def test_stage_of_another_kind(tmp_path, capsys):
+    assert main(["pretrain", "--recipe", "sft-start", "--stage", "sft2", "--out", str(tmp_path / "x")]) == 2
+    assert "is a 'sft' stage: run it with 'mimo sft'" in one_error_line(capsys)
+
+
 def test_missing_corpus_directory(tmp_path, capsys):
     missing = tmp_path / "no-such-corpus"
     assert main(["pretrain", "--recipe", "debug", "--out", str(tmp_path / "x"), "--corpus", str(missing)]) == 2

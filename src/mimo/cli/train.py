@@ -75,7 +75,9 @@ def _evaluate(model_dir, tasks, n: int, seed: int = 0, max_new_tokens: int = 24,
 def _stage_args(stages: tuple[str, ...]):
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--recipe", default="debug", help="named recipe in mimo.recipes (debug, tiny)")
-        p.add_argument("--stage", default=stages[0], choices=stages, help="which stage of the recipe")
+        p.add_argument("--stage", default=stages[0], help=f"which stage of the recipe ({', '.join(stages)}, or "
+                       "another of this kind the recipe has)")
+        p.set_defaults(stage_kinds=stages)
         p.add_argument("--out", help="run directory (default: runs/RECIPE/STAGE)")
         p.add_argument("--resume", metavar="DIR", help="continue from a run directory or checkpoint directory")
         p.add_argument("--init-from", metavar="DIR", help="start from these weights (model or run directory)")
@@ -99,6 +101,10 @@ def _stage_config(args: argparse.Namespace):
 
     with user_errors(RecipeError, TrainConfigError):
         cfg = get_stage(args.recipe, args.stage)
+        if cfg.stage not in args.stage_kinds:
+            command = "sft" if cfg.stage == "sft" else "pretrain"
+            raise UserError(f"stage {args.stage!r} of recipe {args.recipe!r} is a '{cfg.stage}' stage: run it with "
+                            f"'mimo {command}'")
         kw = {name: getattr(args, name) for name in ("out", "init_from", "steps", "seed", "dtype", "model",
                                                       "corpus", "tokenizer") if getattr(args, name) is not None}
         if args.steps is not None and cfg.warmup_steps > args.steps:
@@ -401,7 +407,7 @@ def _posttrain(args: argparse.Namespace, command: str, kind, kw: dict) -> int:
 COMMANDS = (
     Command("pretrain", "pretraining stage of a recipe, or --stage mtp (1 MTP head -> 3, trunk frozen)",
             _stage_args(("pretrain", "mtp")), train_stage),
-    Command("sft", "supervised fine-tuning on chat data (loss on assistant tokens)", _stage_args(("sft", "sft2")),
+    Command("sft", "supervised fine-tuning on chat data (loss on assistant tokens)", _stage_args(("sft",)),
             train_stage),
     Command("eval", "task accuracy of a model (greedy, held-out split)", _eval_args, evaluate),
     Command("recipe", "every stage of a recipe in order, then eval (and --export)", _recipe_args, recipe),
