@@ -1,10 +1,15 @@
-"""The teachers' report (issue 9 §5), written by code from their RL runs: each run's final model is exported
-(bf16) to EXPORT/DOMAIN with a model card, and the exported teachers (what MOPD loads) are evaluated next to the
-start on every domain, held-out and OOD (greedy, engine), their rollouts timed with MTP drafts on and off, and
-their curves plotted.
+"""The teachers' report (issue 9 §5), written by code from their runs: a teacher is an optional domain SFT
+stage (`mimo sft --recipe teacher-sft --stage D`) followed by GRPO (`mimo rl --domains D`). Each GRPO run's
+final model is exported (bf16) to EXPORT/DOMAIN with a model card, and the exported teachers (what MOPD loads)
+are evaluated next to the start on every domain, held-out and OOD (greedy, engine), their rollouts timed with
+MTP drafts on and off, and their curves plotted over both stages.
 
-    python -m experiments.teachers --start models/sft-start --teacher sort=runs/teach/sort ...
-        [--export models/teachers] [--out docs/results] [--eval-n 100] [--rounds 3]
+    python -m experiments.teachers --start models/sft-start --teacher sort=runs/teach/sort
+        [--sft sort=runs/teacher-sft/sort] ... [--export models/teachers] [--out docs/results] [--eval-n 300]
+
+Curves: the own-domain greedy held-out accuracy of the start, of every SFT checkpoint (evaluated here) and at
+every GRPO evaluation (the run's own), against cumulative FLOPs (SFT: `flops.training_flops` of each step's
+padded batch, evaluations not counted; GRPO: its ledger, evaluations included) and training wall time.
 
 Writes OUT/teachers.md, OUT/teachers.json and OUT/teachers-curves.png. Rollout timing: the teacher's own
 domain, one rollout batch as `mimo rl` makes it (the default preset: 16 prompts x 8 samples at temperature 1),
@@ -26,6 +31,8 @@ import torch
 from mimo.checkpoint import load_model, save_model
 from mimo.cli.train import teacher_arg
 from mimo.engine import LLM
+from mimo.model.config import ModelConfig
+from mimo.posttrain import flops as flop_lib
 from mimo.posttrain import loop
 from mimo.posttrain.rewards import step_examples
 from mimo.posttrain.rollout import generate_rollouts
@@ -102,19 +109,65 @@ def rl_command(cfg: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def curves(run_dir: Path, domain: str) -> dict[str, list[float]]:
-    """Greedy held-out accuracy of the run's own evaluations against cumulative FLOPs and wall time (hours
-    from the end of step 1, resumption gaps removed: a step longer than 10x the median counts as the median)."""
-    rows = read_metrics(run_dir)
+def _wall_hours(rows: list[dict[str, Any]]) -> list[float]:
+    """Hours at the end of each logged step, from the end of step 1 plus one median step (so a 1-step run is
+    not free); resumption gaps removed: a step longer than 10x the median counts as the median."""
     steps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
     med = statistics.median(steps) if steps else 0.0
-    wall, t = [0.0], 0.0
+    wall, t = [med / 3600], med
     for dt in steps:
         t += med if dt > 10 * med else dt
         wall.append(t / 3600)
-    ev = [(r, w) for r, w in zip(rows, wall) if "eval_accuracy" in r]
+    return wall
+
+
+def sft_curve(sft_dir: Path, domain: str, n: int) -> dict[str, list[float]]:
+    """Own-domain greedy held-out accuracy of each checkpoint of a domain SFT run, with the run's cumulative
+    training FLOPs and wall time at that step."""
+    rows = [r for r in read_metrics(sft_dir) if "tokens" in r]  # training steps (not validation rows)
+    cfg = json.loads((ckpt_io.find_checkpoint(sft_dir) / "train_config.json").read_text())
+    mc = ModelConfig.from_pretrained(ckpt_io.find_checkpoint(sft_dir))
+    B, flops, total = cfg["batch_size"], [], 0
+    for r in rows:  # tokens = the padded [B, T] rows of the step (no code rows in teacher-sft)
+        total += sum(flop_lib.training_flops(mc, B, r["tokens"] // B, mc.n_mtp_layers))
+        flops.append(total)
+    wall = _wall_hours(rows)
+    at = {r["step"]: i for i, r in enumerate(rows)}
+    out: dict[str, list[float]] = {"step": [], "flops": [], "hours": [], "accuracy": []}
+    for ck in sorted((sft_dir / "checkpoints").glob("step_*")):
+        step = int(ck.name.split("_")[1])
+        tok = load_tokenizer(ck)
+        llm = LLM(load_model(ck, dtype=torch.float32), tokenizer=tok, max_model_len=160, max_num_batched_tokens=2048)
+        out["step"].append(step)
+        out["flops"].append(flops[at[step]])
+        out["hours"].append(wall[at[step]])
+        out["accuracy"].append(loop.greedy_accuracy(llm, tok, (domain,), n, 0, loop.RLConfig.max_new_tokens)[0][domain])
+    return out
+
+
+def curves(run_dir: Path, domain: str) -> dict[str, list[float]]:
+    """Greedy held-out accuracy of the run's own evaluations against its ledger's FLOPs and wall time."""
+    rows = read_metrics(run_dir)
+    ev = [(r, w) for r, w in zip(rows, _wall_hours(rows)) if "eval_accuracy" in r]
     return {"step": [r["step"] for r, _ in ev], "flops": [r["flops"] for r, _ in ev],
             "hours": [w for _, w in ev], "accuracy": [r["eval_accuracy"][domain] for r, _ in ev]}
+
+
+def joined(start_acc: float, sft: dict[str, list[float]] | None, rl: dict[str, list[float]]) -> dict[str, list]:
+    """The whole teacher's curve: the start at 0, the SFT checkpoints, then GRPO offset by the SFT totals."""
+    stage = ["start"]
+    out = {"flops": [0.0], "hours": [0.0], "accuracy": [start_acc]}
+    f0 = h0 = 0.0
+    if sft is not None:
+        for k in out:
+            out[k] += sft[k]
+        stage += ["sft"] * len(sft["step"])
+        f0, h0 = sft["flops"][-1], sft["hours"][-1]
+    out["flops"] += [f0 + f for f in rl["flops"]]
+    out["hours"] += [h0 + h for h in rl["hours"]]
+    out["accuracy"] += rl["accuracy"]
+    stage += ["rl"] * len(rl["step"])
+    return {**out, "stage": stage}
 
 
 def plot(curve: dict[str, dict[str, list[float]]], path: Path) -> None:
@@ -125,9 +178,12 @@ def plot(curve: dict[str, dict[str, list[float]]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for d, c in curve.items():
-        axes[0].plot(c["flops"], c["accuracy"], "o-", label=d)
-        axes[1].plot(c["hours"], c["accuracy"], "o-", label=d)
-    for ax, x in zip(axes, ("FLOPs (ledger: rollouts, log-probs, updates, evals)", "wall time (hours, 1 thread)")):
+        for ax, x in zip(axes, ("flops", "hours")):
+            line, = ax.plot(c[x], c["accuracy"], "-", label=d)
+            for stage, marker in (("start", "s"), ("sft", "o"), ("rl", "^")):
+                pts = [(v, a) for v, a, s in zip(c[x], c["accuracy"], c["stage"]) if s == stage]
+                ax.plot([v for v, _ in pts], [a for _, a in pts], marker, color=line.get_color())
+    for ax, x in zip(axes, ("FLOPs (o domain SFT, ^ GRPO)", "training wall time (hours, 1 thread)")):
         ax.set_xlabel(x)
         ax.set_ylabel("greedy held-out accuracy (own domain)")
         ax.axhline(0.9, color="grey", lw=0.8, ls="--")
@@ -152,16 +208,22 @@ def write_report(out: Path, start: Path, report: dict[str, Any]) -> None:
     for d, t in report["teachers"].items():
         lines.append(row(f"{d} teacher", t["accuracy"]))
     lines += ["", "Commands (`OMP_NUM_THREADS=1`, `--threads 1`; the flags that differ from `mimo rl`'s defaults):", ""]
-    lines += [f"- {d}: `{t['command']}`" for d, t in report["teachers"].items()]
-    lines += ["", "| teacher | own domain: start -> teacher | target 0.9 | steps | FLOPs | hours | rollout tok/s MTP "
-              "on / off | ratio | acceptance length |", "|---" * 9 + "|"]
     for d, t in report["teachers"].items():
-        c, r = t["curve"], t["rollouts"]
+        if t["sft_curve"]:
+            lines.append(f"- {d}: `mimo sft --recipe teacher-sft --stage {d}`, then")
+        lines.append(f"- {d}: `{t['command']}`")
+    lines += ["", "| teacher | own domain: start -> after SFT -> teacher | target 0.9 | SFT steps / FLOPs / hours | "
+              "GRPO steps / FLOPs / hours | rollout tok/s MTP on / off | ratio | acceptance length |",
+              "|---" * 8 + "|"]
+    for d, t in report["teachers"].items():
+        c, r, s_ = t["rl_curve"], t["rollouts"], t["sft_curve"]
         own = t["accuracy"]["heldout"][d]
-        lines.append(f"| {d} | {report['start']['heldout'][d]:.2f} -> {own:.2f} | {'met' if own >= 0.9 else 'NOT met'}"
-                     f" | {c['step'][-1]} | {c['flops'][-1]:.3g} | {c['hours'][-1]:.2f} | "
-                     f"{r['tok_per_s_mtp_on']:.0f} / {r['tok_per_s_mtp_off']:.0f} | {r['speedup']:.2f} | "
-                     f"{r['acceptance_length']:.2f} |")
+        after_sft = f"{s_['accuracy'][-1]:.2f}" if s_ else "-"
+        sft_cost = f"{s_['step'][-1]} / {s_['flops'][-1]:.3g} / {s_['hours'][-1]:.2f}" if s_ else "-"
+        lines.append(f"| {d} | {report['start']['heldout'][d]:.2f} -> {after_sft} -> {own:.2f} | "
+                     f"{'met' if own >= 0.9 else 'NOT met'} | {sft_cost} | {c['step'][-1]} / {c['flops'][-1]:.3g} / "
+                     f"{c['hours'][-1]:.2f} | {r['tok_per_s_mtp_on']:.0f} / {r['tok_per_s_mtp_off']:.0f} | "
+                     f"{r['speedup']:.2f} | {r['acceptance_length']:.2f} |")
     lines += ["", f"![accuracy against FLOPs and wall time]({CURVES_PNG})", ""]
     (out / REPORT_MD).write_text("\n".join(lines))
 
@@ -169,21 +231,28 @@ def write_report(out: Path, start: Path, report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--start", required=True, help="the model the teachers started from")
-    p.add_argument("--teacher", type=teacher_arg, action="append", required=True, metavar="DOMAIN=RUN_DIR")
+    p.add_argument("--teacher", type=teacher_arg, action="append", required=True, metavar="DOMAIN=RUN_DIR",
+                   help="the domain's GRPO run")
+    p.add_argument("--sft", type=teacher_arg, action="append", default=[], metavar="DOMAIN=RUN_DIR",
+                   help="the domain SFT run the GRPO run started from, if any")
     p.add_argument("--export", default="models/teachers")
     p.add_argument("--out", default="docs/results")
-    p.add_argument("--eval-n", type=int, default=100)
+    p.add_argument("--eval-n", type=int, default=300)
     p.add_argument("--preset", default="default", help="RL preset whose rollout batch is timed (debug: smoke run)")
     p.add_argument("--rounds", type=int, default=3, help="timed rollout batches per mode")
     args = p.parse_args(argv)
     out, start = Path(args.out), Path(args.start)
     out.mkdir(parents=True, exist_ok=True)
+    sfts = dict(args.sft)
     report: dict[str, Any] = {"eval_n": args.eval_n, "start": evaluate(start, args.eval_n), "teachers": {}}
     for d, run_dir in args.teacher:
         dest = export_teacher(Path(run_dir), Path(args.export) / d, d)
         cfg = json.loads((ckpt_io.find_checkpoint(run_dir) / loop.CONFIG_FILE).read_text())
-        report["teachers"][d] = {"run": run_dir, "command": rl_command(cfg), "accuracy": evaluate(dest, args.eval_n),
-                                 "curve": curves(Path(run_dir), d),
+        sft = sft_curve(Path(sfts[d]), d, args.eval_n) if d in sfts else None
+        rl = curves(Path(run_dir), d)
+        report["teachers"][d] = {"run": run_dir, "sft_run": sfts.get(d), "command": rl_command(cfg),
+                                 "accuracy": evaluate(dest, args.eval_n), "sft_curve": sft, "rl_curve": rl,
+                                 "curve": joined(report["start"]["heldout"][d], sft, rl),
                                  "rollouts": rollout_timing(dest, d, args.preset, args.rounds)}
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     plot({d: t["curve"] for d, t in report["teachers"].items()}, out / CURVES_PNG)

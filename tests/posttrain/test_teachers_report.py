@@ -1,5 +1,6 @@
-"""experiments/teachers.py on a debug RL run (its numbers mean nothing here): the exported teacher is bf16 and
-loads, the report's figures are the exported model's own and the run's own, the command reproduces the run."""
+"""experiments/teachers.py on a debug domain SFT run followed by a debug RL run (numbers mean nothing here): the
+exported teacher is bf16 and loads, the report's figures are the exported model's own and the runs' own, the
+curve joins the two stages, the command reproduces the run."""
 
 import json
 
@@ -16,11 +17,14 @@ from mimo.train.loop import read_metrics
 
 
 def test_report_from_a_debug_run(tmp_path):
-    run_dir = tmp_path / "rl-sort"
-    assert main(["rl", "--preset", "debug", "--init-from", str(DEFAULT_MODEL), "--out", str(run_dir), "--domains",
+    sft_dir, run_dir = tmp_path / "sft-sort", tmp_path / "rl-sort"
+    assert main(["sft", "--recipe", "debug", "--init-from", str(DEFAULT_MODEL), "--out", str(sft_dir), "--steps", "2",
+                 "--no-progress"]) == 0
+    assert main(["rl", "--preset", "debug", "--init-from", str(sft_dir), "--out", str(run_dir), "--domains",
                  "sort", "--lr", "3e-5", "--warmup-steps", "1", "--no-progress"]) == 0
     out, export = tmp_path / "docs", tmp_path / "teachers"
-    report = rep.main(["--start", str(DEFAULT_MODEL), "--teacher", f"sort={run_dir}", "--export", str(export),
+    report = rep.main(["--start", str(DEFAULT_MODEL), "--teacher", f"sort={run_dir}", "--sft", f"sort={sft_dir}",
+                       "--export", str(export),
                        "--out", str(out), "--eval-n", "3", "--preset", "debug", "--rounds", "1"])
 
     teacher = load_model(export / "sort", dtype=None)
@@ -30,9 +34,15 @@ def test_report_from_a_debug_run(tmp_path):
     t = report["teachers"]["sort"]
     assert t["accuracy"]["heldout"] == loop.greedy_accuracy(llm, tok, ("add", "reverse", "sort"), 3, 0, 24)[0]
     evals = [r for r in read_metrics(run_dir) if "eval_accuracy" in r]
-    assert t["curve"]["step"] == [r["step"] for r in evals]
-    assert t["curve"]["accuracy"] == [r["eval_accuracy"]["sort"] for r in evals]
-    assert t["command"].startswith(f"mimo rl --init-from {DEFAULT_MODEL} --domains sort")
+    assert t["rl_curve"]["step"] == [r["step"] for r in evals]
+    assert t["rl_curve"]["accuracy"] == [r["eval_accuracy"]["sort"] for r in evals]
+    sft = t["sft_curve"]
+    assert sft["step"] == [2] and sft["flops"][0] > 0 and 0 <= sft["accuracy"][0] <= 1
+    c = t["curve"]
+    assert c["stage"] == ["start", "sft"] + ["rl"] * len(evals)
+    assert c["accuracy"][0] == report["start"]["heldout"]["sort"]
+    assert c["flops"][2:] == [sft["flops"][-1] + f for f in t["rl_curve"]["flops"]]
+    assert t["command"].startswith(f"mimo rl --init-from {sft_dir} --domains sort")
     assert "--lr 3e-05 --warmup-steps 1" in t["command"]
     r = t["rollouts"]
     assert r["tok_per_s_mtp_on"] > 0 and r["tok_per_s_mtp_off"] > 0 and r["acceptance_length"] >= 1
