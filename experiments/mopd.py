@@ -6,7 +6,7 @@ It is tested only on debug checkpoints (tests/posttrain/test_mopd_experiment.py)
 nothing.
 
     python -m experiments.mopd --student DIR --teacher add=DIR --teacher sort=DIR [--teacher reverse=self]
-        --out runs/mopd-exp [--preset default] [--seeds 0,1,2] [--steps N]
+        --out runs/mopd-exp [--preset default] [--seeds 0,1,2] [--steps N] [--eval-n N]
 
 Arms:
     mopd-a0         MOPD, alpha 0 (distillation alone)
@@ -68,8 +68,9 @@ def run_arm(out: Path, arm: str, seed: int, spec: dict[str, Any], base: dict[str
     """Train (or finish, or skip) one arm at one seed; returns its run directory."""
     spec = dict(spec)
     kind = spec.pop("kind")
-    if base["steps"]:
-        spec["steps"] = base["steps"]
+    for k in ("steps", "eval_n"):
+        if base.get(k):
+            spec[k] = base[k]
     run_dir = out / arm / f"seed{seed}"
     cfg = loop.preset(base["preset"], kind, init_from=base["student"], out=str(run_dir), domains=base["domains"],
                       seed=seed, progress=False, **spec)
@@ -85,7 +86,7 @@ def teacher_accuracy(out: Path, base: dict[str, Any], teachers: tuple[tuple[str,
     """{seed: {domain: the domain's teacher's greedy held-out accuracy}} by the runs' evaluation; cached."""
     cache = out / TEACHERS_JSON
     acc = json.loads(cache.read_text()) if cache.is_file() else {}
-    cfg = loop.preset(base["preset"])
+    cfg = loop.preset(base["preset"], **({"eval_n": base["eval_n"]} if base.get("eval_n") else {}))
     todo = [s for s in seeds if str(s) not in acc]
     for d, source in teachers if todo else ():
         path = loop.model_dir(base["student"] if source == SELF else source, f"--teacher {d}={source}")
@@ -167,9 +168,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--preset", default="default", help="loop.PRESETS name (debug for a smoke run)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated")
     p.add_argument("--steps", type=int, help="steps per run (default: the preset's)")
+    p.add_argument("--eval-n", type=int, help="held-out prompts per domain of every evaluation (default: the "
+                   "preset's)")
     args = p.parse_args(argv)
     teachers = tuple(args.teacher)
-    base = {"student": args.student, "preset": args.preset, "steps": args.steps,
+    base = {"student": args.student, "preset": args.preset, "steps": args.steps, "eval_n": args.eval_n,
             "domains": tuple(d for d, _ in teachers)}
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
