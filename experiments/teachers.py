@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -46,8 +47,9 @@ REPORT_MD, REPORT_JSON, CURVES_PNG = "teachers.md", "teachers.json", "teachers-c
 OOD_MAX_TOKENS = 40  # the longest OOD answer (sort, 14 digits) is 27 characters + <|im_end|>
 
 
-def export_teacher(run_dir: Path, dest: Path, domain: str) -> Path:
-    """The run's last checkpoint as a bf16 model directory with a model card naming its RL settings."""
+def export_teacher(run_dir: Path, dest: Path, domain: str, sft_dir: Path | None = None) -> Path:
+    """The run's last checkpoint as a bf16 model directory with a model card naming its SFT stage (if any)
+    and its RL settings."""
     ckpt = ckpt_io.find_checkpoint(run_dir)
     cfg = json.loads((ckpt / loop.CONFIG_FILE).read_text())
     tmp = dest.with_name(dest.name + ".tmp")
@@ -56,8 +58,13 @@ def export_teacher(run_dir: Path, dest: Path, domain: str) -> Path:
     for f in MODEL_FILES[2:]:  # the tokenizer files
         shutil.copyfile(ckpt / f, tmp / f)
     step = int(ckpt_io.load_train_state(ckpt)["step"])
+    origin = f"`{cfg['init_from']}`"
+    if sft_dir is not None:
+        sft = json.loads((ckpt_io.find_checkpoint(sft_dir) / "train_config.json").read_text())
+        origin = (f"a domain SFT stage ({sft['recipe']} stage `{domain}`: {sft['steps']} steps on `{domain}` "
+                  f"conversations from `{sft['init_from']}`)")
     (tmp / "README.md").write_text(
-        f"# {domain} teacher\n\nGRPO (`mimo rl`) on `{domain}` prompts for {step} steps from `{cfg['init_from']}`, "
+        f"# {domain} teacher\n\nGRPO (`mimo rl`) on `{domain}` prompts for {step} steps from {origin}, "
         f"stored in bfloat16 (router weights float32). Measured figures: docs/results/teachers.md.\n\n"
         f"RL settings (`{loop.CONFIG_FILE}` of the run):\n\n```json\n{json.dumps(cfg, indent=2)}\n```\n")
     shutil.rmtree(dest, ignore_errors=True)
@@ -92,8 +99,9 @@ def rollout_timing(model_dir: Path, domain: str, preset: str = "default", rounds
                 if mode == "on":
                     accepted.append(1 + rb.engine["accepted_tokens"] / max(rb.engine["verify_steps"], 1))
     on, off = statistics.median(rate["on"]), statistics.median(rate["off"])
+    # the machine is shared: the 1-minute load average (2 = both cores of this machine busy) says how much
     return {"tok_per_s_mtp_on": on, "tok_per_s_mtp_off": off, "speedup": on / off,
-            "acceptance_length": statistics.median(accepted)}
+            "acceptance_length": statistics.median(accepted), "load_average": os.getloadavg()[0]}
 
 
 def rl_command(cfg: dict[str, Any]) -> str:
@@ -213,8 +221,8 @@ def write_report(out: Path, start: Path, report: dict[str, Any]) -> None:
             lines.append(f"- {d}: `mimo sft --recipe teacher-sft --stage {d}`, then")
         lines.append(f"- {d}: `{t['command']}`")
     lines += ["", "| teacher | own domain: start -> after SFT -> teacher | target 0.9 | SFT steps / FLOPs / hours | "
-              "GRPO steps / FLOPs / hours | rollout tok/s MTP on / off | ratio | acceptance length |",
-              "|---" * 8 + "|"]
+              "GRPO steps / FLOPs / hours | rollout tok/s MTP on / off | ratio | acceptance length | load average |",
+              "|---" * 9 + "|"]
     for d, t in report["teachers"].items():
         c, r, s_ = t["rl_curve"], t["rollouts"], t["sft_curve"]
         own = t["accuracy"]["heldout"][d]
@@ -223,7 +231,7 @@ def write_report(out: Path, start: Path, report: dict[str, Any]) -> None:
         lines.append(f"| {d} | {report['start']['heldout'][d]:.2f} -> {after_sft} -> {own:.2f} | "
                      f"{'met' if own >= 0.9 else 'NOT met'} | {sft_cost} | {c['step'][-1]} / {c['flops'][-1]:.3g} / "
                      f"{c['hours'][-1]:.2f} | {r['tok_per_s_mtp_on']:.0f} / {r['tok_per_s_mtp_off']:.0f} | "
-                     f"{r['speedup']:.2f} | {r['acceptance_length']:.2f} |")
+                     f"{r['speedup']:.2f} | {r['acceptance_length']:.2f} | {r['load_average']:.1f} |")
     lines += ["", f"![accuracy against FLOPs and wall time]({CURVES_PNG})", ""]
     (out / REPORT_MD).write_text("\n".join(lines))
 
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sfts = dict(args.sft)
     report: dict[str, Any] = {"eval_n": args.eval_n, "start": evaluate(start, args.eval_n), "teachers": {}}
     for d, run_dir in args.teacher:
-        dest = export_teacher(Path(run_dir), Path(args.export) / d, d)
+        dest = export_teacher(Path(run_dir), Path(args.export) / d, d, Path(sfts[d]) if d in sfts else None)
         cfg = json.loads((ckpt_io.find_checkpoint(run_dir) / loop.CONFIG_FILE).read_text())
         sft = sft_curve(Path(sfts[d]), d, args.eval_n) if d in sfts else None
         rl = curves(Path(run_dir), d)
