@@ -15,7 +15,7 @@ def test_arms_resume_and_results(tmp_path):
     teacher = perturbed_teacher(tmp_path / "sort-teacher")
     out = tmp_path / "exp"
     argv = ["--student", str(DEFAULT_MODEL), "--teacher", "add=self", "--teacher", f"sort={teacher}", "--out",
-            str(out), "--preset", "debug", "--seeds", "0"]
+            str(out), "--preset", "debug", "--seeds", "0", "--docs", str(tmp_path / "docs")]
     teachers = (("add", "self"), ("sort", str(teacher)))
     spec = exp.arms(teachers)
     assert spec["wrong-teacher"]["teachers"] == (("add", str(teacher)), ("sort", "self"))
@@ -33,6 +33,8 @@ def test_arms_resume_and_results(tmp_path):
     assert set(results["teacher_accuracy"]["0"]) == {"add", "sort"}
     table = (out / exp.RESULTS_MD).read_text()
     assert all(f"| {arm} |" in table for arm in results["arms"])
+    assert (tmp_path / "docs" / "mopd.md").read_text().replace("mopd-curves.png", exp.CURVES_PNG) == table
+    assert (tmp_path / "docs" / "mopd-curves.png").read_bytes() == (out / exp.CURVES_PNG).read_bytes()
 
     before = {arm: snapshot(out / arm) for arm in results["arms"]}
     again = exp.main(argv)  # everything finished: nothing trains, the same results are written
