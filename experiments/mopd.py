@@ -69,7 +69,7 @@ def run_arm(out: Path, arm: str, seed: int, spec: dict[str, Any], base: dict[str
     """Train (or finish, or skip) one arm at one seed; returns its run directory."""
     spec = dict(spec)
     kind = spec.pop("kind")
-    for k in ("steps", "eval_n"):
+    for k in ("steps", "eval_n", "lr"):
         if base.get(k):
             spec[k] = base[k]
     run_dir = out / arm / f"seed{seed}"
@@ -211,17 +211,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--preset", default="default", help="loop.PRESETS name (debug for a smoke run)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated")
     p.add_argument("--steps", type=int, help="steps per run (default: the preset's)")
+    p.add_argument("--lr", type=float, help="learning rate of every arm (default: the preset's); one --out per LR "
+                   "of a sweep")
+    p.add_argument("--arms", help="comma-separated subset of the arms (default: all)")
     p.add_argument("--docs", help="also write DOCS/mopd.md and DOCS/mopd-curves.png (e.g. docs/results)")
     p.add_argument("--eval-n", type=int, help="held-out prompts per domain of every evaluation (default: the "
                    "preset's)")
     args = p.parse_args(argv)
     teachers = tuple(args.teacher)
-    base = {"student": args.student, "preset": args.preset, "steps": args.steps, "eval_n": args.eval_n,
+    base = {"student": args.student, "preset": args.preset, "steps": args.steps, "eval_n": args.eval_n, "lr": args.lr,
             "domains": tuple(d for d, _ in teachers)}
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
+    chosen = arms(teachers)
+    if args.arms:
+        unknown = set(args.arms.split(",")) - set(chosen)
+        if unknown:
+            p.error(f"unknown arm(s) {sorted(unknown)}; arms: {', '.join(chosen)}")
+        chosen = {a: spec for a, spec in chosen.items() if a in args.arms.split(",")}
     teacher_acc = teacher_accuracy(out, base, teachers, seeds)
-    run_dirs = {arm: [run_arm(out, arm, s, spec, base) for s in seeds] for arm, spec in arms(teachers).items()}
+    run_dirs = {arm: [run_arm(out, arm, s, spec, base) for s in seeds] for arm, spec in chosen.items()}
     return write_results(out, run_dirs, teacher_acc, Path(args.docs) if args.docs else None)
 
 

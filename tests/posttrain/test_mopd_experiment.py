@@ -3,6 +3,7 @@ interrupted run is finished by resuming, a second invocation trains nothing and 
 
 import json
 
+import pytest
 from experiments import mopd as exp
 
 from mimo.engine.config import DEFAULT_MODEL
@@ -23,6 +24,8 @@ def test_arms_resume_and_results(tmp_path):
     exp.run_arm(out, "mopd-a0", 0, spec["mopd-a0"], base, stop_after=1)  # interrupted after step 1
     assert [r["step"] for r in read_metrics(out / "mopd-a0" / "seed0")] == [1]
 
+    with pytest.raises(SystemExit):  # an unknown arm is refused before anything runs
+        exp.main([*argv, "--arms", "mopd-a0,nope"])
     results = exp.main(argv)
     assert set(results["arms"]) == {"mopd-a0", "mopd-a0.5", "mix-rl", "wrong-teacher"}
     for arm in results["arms"]:
