@@ -100,7 +100,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for d in dict.fromkeys(p["domain"] for p in res["points"]):
         pts = [p for p in res["points"] if p["domain"] == d]
         ax.scatter([p["entropy"] for p in pts], [p["al"] for p in pts], label=d)
@@ -112,7 +112,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("mean next-token entropy of the main model (nats)")
     ax.set_ylabel(f"acceptance length ({res['drafts']} drafts)")
     ax.set_ylim(1, 4)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

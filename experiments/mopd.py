@@ -1,9 +1,10 @@
 """The MOPD experiment (posttraining-notes.md §9.3 stage S3, §9.4): arms trained from one student with the same
 prompts, seeds and steps; every run resumable; the results file written by code from the runs' metrics.
 
-NOT RUN AT SCALE: it needs domain teachers (RL specialists trained from the student) that do not exist yet.
-It is tested only on debug checkpoints (tests/posttrain/test_mopd_experiment.py), where its numbers mean
-nothing.
+Run so far on the sort domain only (the one teacher that exists, models/teachers/sort): 2 seeds x 30 steps
+at the default LR, and an LR probe (docs/results/mopd.md, docs/results/mopd-lr*/). Not yet: add and
+reverse (no teachers), the SFT-on-teacher-samples and weight-averaging arms, 3 seeds. Tested on debug
+checkpoints (tests/posttrain/test_mopd_experiment.py).
 
     python -m experiments.mopd --student DIR --teacher add=DIR --teacher sort=DIR [--teacher reverse=self]
         --out runs/mopd-exp [--preset default] [--seeds 0,1,2] [--steps N] [--eval-n N]
