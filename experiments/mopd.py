@@ -48,7 +48,8 @@ from mimo.train import checkpoint as ckpt_io
 from mimo.train.data import load_tokenizer
 from mimo.train.loop import read_metrics
 
-RESULTS_JSON, RESULTS_MD, TEACHERS_JSON, CURVES_PNG = "results.json", "results.md", "teachers.json", "curves.png"
+RESULTS_JSON, RESULTS_MD, CURVES_PNG = "results.json", "results.md", "curves.png"
+TEACHERS_JSON, START_JSON = "teachers.json", "start.json"
 
 
 def arms(teachers: tuple[tuple[str, str], ...]) -> dict[str, dict[str, Any]]:
@@ -83,14 +84,15 @@ def run_arm(out: Path, arm: str, seed: int, spec: dict[str, Any], base: dict[str
     return run_dir
 
 
-def teacher_accuracy(out: Path, base: dict[str, Any], teachers: tuple[tuple[str, str], ...], seeds: list[int]
-                     ) -> dict[str, dict[str, float]]:
-    """{seed: {domain: the domain's teacher's greedy held-out accuracy}} by the runs' evaluation; cached."""
-    cache = out / TEACHERS_JSON
+def model_accuracy(out: Path, base: dict[str, Any], sources: tuple[tuple[str, str], ...], seeds: list[int],
+                   cache_name: str = TEACHERS_JSON) -> dict[str, dict[str, float]]:
+    """{seed: {domain: greedy held-out accuracy of that domain's source}} by the runs' evaluation (its
+    prompts depend on the seed); a source is a directory or `self` (the student); cached in OUT/cache_name."""
+    cache = out / cache_name
     acc = json.loads(cache.read_text()) if cache.is_file() else {}
     cfg = loop.preset(base["preset"], **({"eval_n": base["eval_n"]} if base.get("eval_n") else {}))
     todo = [s for s in seeds if str(s) not in acc]
-    for d, source in teachers if todo else ():
+    for d, source in sources if todo else ():
         path = loop.model_dir(base["student"] if source == SELF else source, f"--teacher {d}={source}")
         tok = load_tokenizer(path)
         llm = LLM(load_model(path, dtype=torch.float32), tokenizer=tok, max_model_len=128 + cfg.max_new_tokens,
@@ -157,7 +159,7 @@ def plot_curves(rows: dict[str, list[list[dict[str, Any]]]], teacher_acc: dict[s
 
 
 def write_results(out: Path, run_dirs: dict[str, list[Path]], teacher_acc: dict[str, dict[str, float]],
-                  docs: Path | None = None) -> dict[str, Any]:
+                  docs: Path | None = None, start_acc: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """results.json, results.md and curves.png from the runs' metrics (run_dirs[arm][i] is seed
     list(teacher_acc)[i]); with `docs`, also DOCS/mopd.md and DOCS/mopd-curves.png."""
     seeds = list(teacher_acc)
@@ -167,7 +169,7 @@ def write_results(out: Path, run_dirs: dict[str, list[Path]], teacher_acc: dict[
                 for arm, runs in rows.items()}
     keys = ("accuracy", "recovery_mean", "recovery_min", "at_budget", "flops_to_95", "flops")
     mean_teacher = _mean(list(teacher_acc.values()))
-    results = {"teacher_accuracy": teacher_acc, "flop_budget": budget,
+    results = {"teacher_accuracy": teacher_acc, "start_accuracy": start_acc, "flop_budget": budget,
                "arms": {arm: {"mean": {k: _mean([s[k] for s in runs]) for k in keys}, "seeds": runs}
                         for arm, runs in per_seed.items()}}
     (out / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n")
@@ -192,6 +194,10 @@ def write_results(out: Path, run_dirs: dict[str, list[Path]], teacher_acc: dict[
              "| arm | " + " | ".join(f"acc {d}" for d in domains) + " | R mean | R min | "
              + " | ".join(f"acc {d} at budget" for d in domains) + " | FLOPs to 95% | FLOPs |",
              "|" + "---|" * (2 * len(domains) + 5)]
+    if start_acc:
+        lines.append("| start (the student before training) | " + " | ".join(
+            f"{statistics.fmean(a[d] for a in start_acc.values()):.3g} ({min(a[d] for a in start_acc.values()):.3g}"
+            f"-{max(a[d] for a in start_acc.values()):.3g})" for d in domains) + " |" + " |" * (len(domains) + 4))
     for arm, r in results["arms"].items():
         m = r["mean"]
         at = m["at_budget"] or {}
@@ -234,9 +240,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if unknown:
             p.error(f"unknown arm(s) {sorted(unknown)}; arms: {', '.join(chosen)}")
         chosen = {a: spec for a, spec in chosen.items() if a in args.arms.split(",")}
-    teacher_acc = teacher_accuracy(out, base, teachers, seeds)
+    teacher_acc = model_accuracy(out, base, teachers, seeds)
+    start_acc = model_accuracy(out, base, tuple((d, SELF) for d, _ in teachers), seeds, START_JSON)
     run_dirs = {arm: [run_arm(out, arm, s, spec, base) for s in seeds] for arm, spec in chosen.items()}
-    return write_results(out, run_dirs, teacher_acc, Path(args.docs) if args.docs else None)
+    return write_results(out, run_dirs, teacher_acc, Path(args.docs) if args.docs else None, start_acc)
 
 
 if __name__ == "__main__":

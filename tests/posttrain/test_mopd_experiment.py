@@ -34,8 +34,10 @@ def test_arms_resume_and_results(tmp_path):
     assert results["arms"]["mopd-a0"]["seeds"][0]["flops_by_kind"]["teacher"] > 0
     assert results["flop_budget"] == min(a["mean"]["flops"] for a in results["arms"].values())
     assert set(results["teacher_accuracy"]["0"]) == {"add", "sort"}
+    # add's teacher is "self": the student's own start, evaluated on the same prompts
+    assert results["start_accuracy"]["0"]["add"] == results["teacher_accuracy"]["0"]["add"]
     table = (out / exp.RESULTS_MD).read_text()
-    assert all(f"| {arm} |" in table for arm in results["arms"])
+    assert all(f"| {arm} |" in table for arm in results["arms"]) and "| start (the student before training) |" in table
     assert (tmp_path / "docs" / "mopd.md").read_text().replace("mopd-curves.png", exp.CURVES_PNG) == table
     assert (tmp_path / "docs" / "mopd-curves.png").read_bytes() == (out / exp.CURVES_PNG).read_bytes()
 
