@@ -55,11 +55,11 @@ def params_for(cls: str, max_tokens: int, seed: int) -> SamplingParams:
 def drafting(llm, cfg):
     """DEFAULT: the engine as it ships (adaptive drafting). A fixed number of drafts: adaptive drafting off, so
     every step proposes all of them."""
-    llm.adaptive_drafting = cfg == DEFAULT
+    before, llm.adaptive_drafting = llm.adaptive_drafting, cfg == DEFAULT
     try:
         yield None if cfg == DEFAULT else cfg  # the num_speculative_tokens to pass
     finally:
-        llm.adaptive_drafting = True
+        llm.adaptive_drafting = before
 
 
 def engine_run(llm, prompts, sp, cfg):

@@ -11,9 +11,11 @@ Stages run in the order of the recipe's dict; each later stage starts from the p
 - `debug`: seconds on a CPU; the tests use it (small corpus slice, the `debug` model preset).
 - `tiny`: the shipped default model `models/mimo-tiny` (the `tiny` preset, ~10M parameters); the whole
   recipe is budgeted for about an hour on a shared 2-core CPU (measured: see models/mimo-tiny/README.md).
-- `sft-start`: `tiny`'s pretrain and mtp stages, then a longer task SFT that keeps the pretrained code model,
-  continued by a second SFT stage (`sft2`: LR re-warmed, new conversations): the starting point for RL
-  (`models/sft-start`, docs/results/sft-start.md). Its SFT data options beyond TrainConfig are in `SFT_DATA`.
+- `sft-start`: `tiny`'s pretrain and mtp stages, then a longer task SFT that keeps the pretrained code model:
+  the starting point for RL (`models/sft-start` is the `sft` stage's result, docs/results/sft-start.md), and
+  `sft2`, that SFT continued with the LR re-warmed on new conversations (measured to step 600, not exported).
+  Its SFT data options beyond TrainConfig are in `SFT_DATA`.
+- `teacher-sft`: one independent SFT stage per domain from `models/sft-start`, the first half of a teacher.
 
 Why these numbers (tiny), measured on a 2-core machine shared with four other jobs, 1 thread per process:
 - pretrain: ~900 training tokens/s, so 420 steps of 16 x 256 tokens (1.7M tokens, ~0.4 epoch of the stdlib +
@@ -135,8 +137,14 @@ def get_recipe(name: str, out: str | Path | None = None) -> dict[str, TrainConfi
 
 
 def final_stage(stages: dict[str, TrainConfig]) -> TrainConfig:
-    """The stage whose checkpoint is the recipe's result (the last one run)."""
-    return stages[list(stages)[-1]]
+    """The stage whose checkpoint is the recipe's result (the last one run); RecipeError if the stages are not
+    a chain (each starting from the previous one's run), as `teacher-sft`'s independent stages are not."""
+    names = list(stages)
+    for prev, name in zip(names, names[1:]):
+        if stages[name].init_from != stages[prev].out:
+            raise RecipeError(f"stage {name!r} does not start from stage {prev!r}: this recipe's stages are "
+                              f"independent, run one with --stage")
+    return stages[names[-1]]
 
 
 def get_stage(name: str, stage: str, out: str | Path | None = None) -> TrainConfig:

@@ -49,4 +49,5 @@ def test_report_from_a_debug_run(tmp_path):
     assert json.loads((out / rep.REPORT_JSON).read_text()) == json.loads(json.dumps(report))
     md = (out / rep.REPORT_MD).read_text()
     assert "| sort teacher |" in md and t["command"] in md and (out / rep.CURVES_PNG).stat().st_size > 1000
-    assert "sort" in (export / "sort" / "README.md").read_text()
+    card = (export / "sort" / "README.md").read_text()
+    assert "from a domain SFT stage (debug stage `sort`: 2 steps on `sort` conversations" in card

@@ -51,6 +51,12 @@ def test_stage_of_another_kind(tmp_path, capsys):
     assert "is a 'sft' stage: run it with 'mimo sft'" in one_error_line(capsys)
 
 
+def test_recipe_of_independent_stages(tmp_path, capsys):
+    assert main(["recipe", "--recipe", "teacher-sft", "--out", str(tmp_path / "x")]) == 2
+    assert "this recipe's stages are independent, run one with --stage" in one_error_line(capsys)
+    assert not (tmp_path / "x").exists()
+
+
 def test_missing_corpus_directory(tmp_path, capsys):
     missing = tmp_path / "no-such-corpus"
     assert main(["pretrain", "--recipe", "debug", "--out", str(tmp_path / "x"), "--corpus", str(missing)]) == 2

@@ -195,18 +195,18 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _recipe_stages(recipe: str, out: str):
-    from mimo.recipes import RecipeError, get_recipe
+    """(the recipe's stages, the final one); a recipe whose stages are not a chain is a user error."""
+    from mimo.recipes import RecipeError, final_stage, get_recipe
 
     with user_errors(RecipeError):
-        return get_recipe(recipe, out)
+        stages = get_recipe(recipe, out)
+        return stages, final_stage(stages)
 
 
 def recipe(args: argparse.Namespace) -> int:
     """Every stage in order (a stage with checkpoints resumes, a finished one is skipped), then the task
     accuracy and, with --export, the model directory and its model card."""
-    from mimo.recipes import final_stage
-
-    stages = _recipe_stages(args.recipe, args.out or f"runs/{args.recipe}")
+    stages, last = _recipe_stages(args.recipe, args.out or f"runs/{args.recipe}")
     set_threads(args.threads)
     from mimo.train.checkpoint import find_checkpoint, has_checkpoint, load_train_state
     from mimo.train.loop import TrainingDiverged, run
@@ -227,7 +227,7 @@ def recipe(args: argparse.Namespace) -> int:
             return _diverged(e)
         timings[name] = round(time.perf_counter() - t0, 1)
         print(json.dumps({"stage": name, "seconds": timings[name], **summary}), file=sys.stderr)
-    final = find_checkpoint(final_stage(stages).out)
+    final = find_checkpoint(last.out)
     from mimo.tasks import TASKS
 
     t0 = time.perf_counter()
@@ -254,15 +254,13 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 def export(args: argparse.Namespace) -> int:
     """Evaluate a finished recipe run and export its final model with a model card."""
-    from mimo.recipes import final_stage
-
-    stages = _recipe_stages(args.recipe, args.runs or f"runs/{args.recipe}")
+    stages, last = _recipe_stages(args.recipe, args.runs or f"runs/{args.recipe}")
     set_threads(args.threads)
     from mimo.train.checkpoint import find_checkpoint
     from mimo.train.export import export_model
 
     with user_errors(*_train_errors()):
-        final = find_checkpoint(final_stage(stages).out)
+        final = find_checkpoint(last.out)
     wall: dict[str, float] = {}
     if args.log and Path(args.log).is_file():
         for m in re.finditer(r"^== (\w+) done in (\d+) s", Path(args.log).read_text(), re.M):

@@ -473,12 +473,11 @@ class LLM:
                 seqs.append(seq)
                 states.append(self._mtp[seq.request_id])
                 nds.append(min(k, self.model.n_mtp))
-        if seqs:
+        if seqs and not self.adaptive_drafting:
+            self.runner.draft(seqs, states, nds)
+        elif seqs:
             # adaptive: each request drafts while its drafts pay for their cost at this batch size; a seeded
             # sampled request decides from its own history only, so its tokens do not depend on the batch
-            if not self.adaptive_drafting:
-                self.runner.draft(seqs, states, nds)
-                return
             private = [s.sampling_params.seed is not None and not s.sampling_params.is_greedy for s in seqs]
             floors = [draft_floor(SEEDED_BATCH if p else len(seqs)) for p in private]
             self.runner.draft(seqs, states, nds, floors, private)

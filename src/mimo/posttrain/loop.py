@@ -93,7 +93,8 @@ class RLConfig:
     max_new_tokens: int = 24
     temperature: float = 1.0  # top-k / top-p stay off: the trainer's log-probs must be the sampler's
     # docs/results/rl-probes.md: on models/sft-start lr 1e-4 without warmup collapsed sort at the first update
-    # (AdamW's first step moves every weight by about the LR); 1e-5 .. 2e-5 with warmup did no damage
+    # (AdamW's first step moves every weight by about the LR); 1e-5 (no warmup) and 2e-5 (10 warmup steps)
+    # did no damage
     lr: float = 2e-5
     warmup_steps: int = 10  # linear warmup, then constant
     betas: tuple[float, float] = (0.9, 0.95)
