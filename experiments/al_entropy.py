@@ -5,8 +5,9 @@ AL = 4 (1 - a H^b) with a = 0.58, b = 0.58, R^2 0.995 over its benchmarks).
 
 Outputs: greedy, through the engine with every MTP head drafting at every step (adaptive drafting off: the
 report's AL is that of 3 MTP layers, not of a policy that drafts less where heads are weak). Points: the
-held-out prompts of each task (chat template, answers up to 24 tokens) and held-out stdlib code (48-token
-prefixes of validation files, 64 new tokens, end of text ignored), `n` prompts per domain in groups of
+held-out prompts of each task (as evaluation poses them, `mimo.tasks.prompt_ids`; up to
+`mimo.tasks.MAX_NEW_TOKENS` tokens) and held-out stdlib code (48-token prefixes of validation files, 64 new
+tokens, end of text ignored), `n` prompts per domain in groups of
 `group`: one point per group, AL = 1 + accepted / verify steps over the group, H = the main model's mean
 next-token entropy (nats, temperature 1) over the positions that predicted the group's output tokens.
 
@@ -34,14 +35,14 @@ from mimo.engine import LLM, SamplingParams
 from mimo.train.data import load_tokenizer
 
 REPORT_A, REPORT_B = 0.58, 0.58
-CODE_PREFIX, CODE_NEW, TASK_NEW = 48, 64, 24
+CODE_PREFIX, CODE_NEW = 48, 64
 
 
 def domain_prompts(tok, domain: str, n: int, corpus=None) -> tuple[list[list[int]], SamplingParams]:
     if domain != "code":
         exs = task_lib.generate_examples(domain, n, "heldout", 0)
-        return ([tok.encode_chat(task_lib.to_messages(e, with_answer=False), add_generation_prompt=True)
-                 for e in exs], SamplingParams(max_tokens=TASK_NEW, temperature=0))
+        return ([task_lib.prompt_ids(tok, e) for e in exs],
+                SamplingParams(max_tokens=task_lib.MAX_NEW_TOKENS, temperature=0))
     rng = random.Random("mimo.al_entropy/code")
     docs = [ids for ids in (tok.encode(t) for t in corpus.texts("val")) if len(ids) > CODE_PREFIX + CODE_NEW]
     out = []

@@ -37,14 +37,13 @@ from mimo.posttrain import flops as flop_lib
 from mimo.posttrain import loop
 from mimo.posttrain.rewards import step_examples
 from mimo.posttrain.rollout import generate_rollouts
-from mimo.tasks import TASKS
+from mimo.tasks import MAX_NEW_TOKENS, TASKS
 from mimo.train import checkpoint as ckpt_io
 from mimo.train.data import load_tokenizer
 from mimo.train.export import MODEL_FILES
 from mimo.train.loop import read_metrics
 
 REPORT_MD, REPORT_JSON, CURVES_PNG = "teachers.md", "teachers.json", "teachers-curves.png"
-OOD_MAX_TOKENS = 40  # the longest OOD answer (sort, 14 digits) is 27 characters + <|im_end|>
 
 
 def export_teacher(run_dir: Path, dest: Path, domain: str, sft_dir: Path | None = None) -> Path:
@@ -74,10 +73,10 @@ def export_teacher(run_dir: Path, dest: Path, domain: str, sft_dir: Path | None 
 
 def evaluate(model_dir: Path, n: int) -> dict[str, dict[str, float]]:
     tok = load_tokenizer(model_dir)
-    llm = LLM(load_model(model_dir, dtype=torch.float32), tokenizer=tok, max_model_len=128 + OOD_MAX_TOKENS,
+    llm = LLM(load_model(model_dir, dtype=torch.float32), tokenizer=tok, max_model_len=128 + MAX_NEW_TOKENS,
               max_num_batched_tokens=2048)
-    return {"heldout": loop.greedy_accuracy(llm, tok, TASKS, n, 0, loop.RLConfig.max_new_tokens)[0],
-            "ood": loop.greedy_accuracy(llm, tok, TASKS, n, 0, OOD_MAX_TOKENS, split="ood")[0]}
+    return {"heldout": loop.greedy_accuracy(llm, tok, TASKS, n, 0, MAX_NEW_TOKENS)[0],
+            "ood": loop.greedy_accuracy(llm, tok, TASKS, n, 0, MAX_NEW_TOKENS, split="ood")[0]}
 
 
 def rollout_timing(model_dir: Path, domain: str, preset: str = "default", rounds: int = 3) -> dict[str, float]:

@@ -58,7 +58,7 @@ def test_help_and_flag_errors_answer_fast():
 def test_no_torch_before_a_command_runs():
     """Building every command's parser, and the torch-free modules, import no torch (torch alone takes seconds)."""
     code = ("import sys, mimo, mimo.engine.scheduler, mimo.engine.block_manager, mimo.engine.config, "
-            "mimo.engine.planner, mimo.model.config, mimo.model.params, mimo.tasks, mimo.recipes\n"
+            "mimo.engine.planner, mimo.model.config, mimo.model.params, mimo.tasks, mimo.train.recipes\n"
             "from mimo.cli import commands, parser\n"
             "[parser(c) for c in commands().values()]\n"
             "assert 'torch' not in sys.modules, 'torch imported'")

@@ -96,54 +96,76 @@ def test_heldout_share_is_about_ten_percent():
     assert abs(share - tasks.HELDOUT_PERCENT / 100) < 0.01
 
 
-@pytest.mark.parametrize("completion", ["429", " 429", "429\n", "\n\t 429  \n"])
-def test_check_accepts_surrounding_whitespace(completion):
+@pytest.mark.parametrize("completion", ["283+740=9240\n</think>\n\n429", "</think>429", "x</think>y</think> 429\n"])
+def test_check_takes_the_answer_after_the_think_block(completion):
     assert check("add", completion, "429")
 
 
 @pytest.mark.parametrize(
-    "completion", ["", "42", "4290", "429.", "429 430", "answer: 429", "4 29", "429<|im_end|>", "<think>429"]
+    "completion", ["429", "", "</think>42", "</think>4290", "</think>429.", "</think>429 430", "</think>answer: 429",
+                   "</think>4 29", "</think>429<|im_end|>", "</think><think>429", "429</think>"]
 )
 def test_check_rejects_everything_else(completion):
+    """A thinking task's answer must follow a closed think block; a bare answer or one inside it fails."""
     assert not check("add", completion, "429")
+
+
+@pytest.mark.parametrize("completion", ["1 3 5 9", " 1 3 5 9", "1 3 5 9\n", "\n\t 1 3 5 9  \n"])
+def test_check_accepts_surrounding_whitespace(completion):
+    assert check("sort", completion, "1 3 5 9")
+
+
+def test_traces():
+    """The documented traces; every add trace's columns sum right, LSB first, and a reverse trace spells the
+    word; sort has none."""
+    assert tasks.trace(solve("add 382 47")) == "283+740=9240"
+    assert tasks.trace(solve("add 5 5")) == "500+500=0100"
+    assert tasks.trace(solve("add 999 999")) == "999+999=8991"
+    assert tasks.trace(solve("reverse hello")) == "hello"
+    assert tasks.trace(solve("sort 5 3 9 1")) is None
+    for ex in generate_examples("add", 300, seed=4) + generate_examples("add", 50, "ood", seed=4):
+        a, rest = tasks.trace(ex).split("+")
+        b, s = rest.split("=")
+        assert len(a) == len(b) == len(s) - 1 >= 3
+        assert int(a[::-1]) + int(b[::-1]) == int(s[::-1]) == int(ex.answer)
+    assert set(tasks.THINKING) < set(TASKS)
 
 
 def test_check_is_exact_for_sort_and_reverse():
     """Inner spacing and case matter."""
     assert check("sort", " 1 3 5 9\n", "1 3 5 9")
     assert not check("sort", "1  3 5 9", "1 3 5 9") and not check("sort", "1359", "1 3 5 9")
-    assert not check("reverse", "Olleh", "olleh")
+    assert not check("sort", "</think>1 3 5 9", "1 3 5 9")  # sort answers directly: no think block
+    assert not check("reverse", "</think>Olleh", "olleh")
     with pytest.raises(ValueError):
         check("mul", "6", "6")
 
 
 def test_reward_and_messages():
     ex = Example("reverse", "reverse hello", "olleh")
-    assert reward(ex, " olleh\n") == 1.0 and reward(ex, "hello") == 0.0
+    assert reward(ex, "hello\n</think>\n\n olleh\n") == 1.0 and reward(ex, "</think>hello") == 0.0
     assert to_messages(ex) == [
         {"role": "user", "content": "reverse hello"},
         {"role": "assistant", "content": "olleh"},
     ]
+    assert to_messages(ex, reasoning=True)[1] == {"role": "assistant", "content": "olleh",
+                                                  "reasoning_content": "hello"}
     assert to_messages(ex, with_answer=False) == [{"role": "user", "content": "reverse hello"}]
+    assert "reasoning_content" not in to_messages(solve("sort 2 1 3"), reasoning=True)[1]
 
 
 def test_evaluate_with_fake_generator():
-    """evaluate() hands prompt messages to generate_fn once and scores per task."""
+    """evaluate() hands the examples to generate_fn once and scores per task."""
     calls = []
 
     def generate_fn(batch):
         calls.append(batch)
-        out = []
-        for messages in batch:
-            assert len(messages) == 1 and messages[0]["role"] == "user"
-            ex = solve(messages[0]["content"])
-            out.append(ex.answer + "\n" if ex.task != "sort" else "wrong")
-        return out
+        return [f"{tasks.trace(ex)}\n</think>\n\n{ex.answer}\n" if ex.task != "sort" else "wrong" for ex in batch]
 
     acc = evaluate(generate_fn, n_per_task=20, seed=0)
     assert acc == {"add": 1.0, "reverse": 1.0, "sort": 0.0}
     assert len(calls) == 1 and len(calls[0]) == 60
-    assert all(is_heldout(m[0]["content"]) for m in calls[0])
+    assert all(is_heldout(ex.prompt) for ex in calls[0])
     with pytest.raises(ValueError):
         evaluate(lambda batch: [], n_per_task=2)
 
@@ -222,6 +244,8 @@ def test_ood_verifier():
     """check/reward score OOD completions with the same exact match."""
     ex = tasks.solve_ood("add 9393 4638")
     assert ex.answer == "14031"
-    assert reward(ex, " 14031\n") == 1.0 and reward(ex, "1403") == 0.0 and reward(ex, "14031 ") == 1.0
-    assert evaluate(lambda batch: [tasks.solve_ood(m[0]["content"]).answer for m in batch], n_per_task=5,
-                    split="ood") == dict.fromkeys(TASKS, 1.0)
+    assert tasks.trace(ex) == "3939+8364=13041"
+    assert reward(ex, "</think> 14031\n") == 1.0 and reward(ex, "</think>1403") == 0.0
+    assert reward(ex, "3939+8364=13041\n</think>\n\n14031 ") == 1.0
+    assert evaluate(lambda batch: [("</think>" if ex.task in tasks.THINKING else "") + ex.answer for ex in batch],
+                    n_per_task=5, split="ood") == dict.fromkeys(TASKS, 1.0)

@@ -8,6 +8,13 @@ Formats (fixed; the prompt is the whole user message, the answer the whole assis
 | reverse | `reverse hello` | `olleh` | 3-12 lowercase ASCII letters |
 | sort | `sort 5 3 9 1` | `1 3 5 9` | 3-10 digits, space-separated, ascending |
 
+`add` and `reverse` are posed with thinking on (`THINKING`): the prompt ends inside the think block, the model
+writes a worked trace (`trace`), closes the block, and the answer is what follows the last `</think>`
+(`answer_text`). A trace turns each task into steps a small transformer does at fixed relative offsets
+(`trace` has worked examples): BPE writes `382` or `hello` as one or two tokens, so reading digits or letters
+from the prompt is the hard part, and the trace does it once, one character per token. `sort` is answered
+directly (thinking off, the template's empty think block), as it is learned without a trace.
+
 Train/held-out split: a prompt is held out when h mod 100 < `HELDOUT_PERCENT` (10), h being the first 8 bytes
 of sha256(prompt) read as a big-endian integer (`is_heldout`). Membership depends on the prompt alone, so
 the two splits never share a prompt for any seed or count, and a prompt's split never changes.
@@ -32,6 +39,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 TASKS = ("add", "reverse", "sort")
+THINKING = frozenset({"add", "reverse"})
+# the generation budget that fits every split's longest trace and answer (ood reverse: 16 letters + the 4
+# tokens of `\n</think>\n\n` + 16 + <|im_end|> = 37 tokens)
+MAX_NEW_TOKENS = 48
 SPLITS = ("train", "heldout", "ood")
 HELDOUT_PERCENT = 10
 _NUMBERS = frozenset(str(i) for i in range(1000))
@@ -147,10 +158,39 @@ def mixed_examples(
     return [ex for group in zip(*per_task) for ex in group]
 
 
-def check(task: str, completion: str, answer: str) -> bool:
-    """Exact match after stripping surrounding whitespace; anything else in the completion fails."""
+def trace(example: Example) -> str | None:
+    """The worked reasoning of a thinking task (None for the others).
+
+    add: both operands and the sum written least significant digit first, zero-padded to a common width
+    (3 digits, or the operands' length if longer) and the sum one digit wider, so digit i of the sum sits
+    at a fixed distance after digit i of each operand and the carry comes from the column just before:
+    `add 382 47` -> `283+740=9240` (answer `429`); `add 5 5` -> `500+500=0100` (answer `10`).
+    reverse: the word spelled forward one letter per token, which the answer then mirrors:
+    `reverse hello` -> `hello` (answer `olleh`).
+    """
+    if example.task == "add":
+        a, b = example.prompt.split(" ")[1:]
+        w = max(3, len(a), len(b))
+        return f"{a.zfill(w)[::-1]}+{b.zfill(w)[::-1]}={example.answer.zfill(w + 1)[::-1]}"
+    if example.task == "reverse":
+        return example.prompt.partition(" ")[2]
+    return None
+
+
+def answer_text(task: str, completion: str) -> str:
+    """The answer part of a completion (the assistant output, `</think>` kept): for a thinking task what
+    follows the last `</think>` ("" when the think block never closes), else the whole completion."""
     _check_task(task)
-    return completion.strip() == answer.strip()
+    if task not in THINKING:
+        return completion
+    _, sep, tail = completion.rpartition("</think>")
+    return tail if sep else ""
+
+
+def check(task: str, completion: str, answer: str) -> bool:
+    """Exact match of the completion's answer part after stripping surrounding whitespace; anything else in
+    it fails."""
+    return answer_text(task, completion).strip() == answer.strip()
 
 
 def reward(example: Example, completion: str) -> float:
@@ -158,16 +198,35 @@ def reward(example: Example, completion: str) -> float:
     return 1.0 if check(example.task, completion, example.answer) else 0.0
 
 
-def to_messages(example: Example, with_answer: bool = True) -> Messages:
-    """Chat messages for `example`: the user prompt, then (if `with_answer`) the answer as assistant turn."""
-    messages = [{"role": "user", "content": example.prompt}]
+def to_messages(example: Example, with_answer: bool = True, reasoning: bool = False) -> Messages:
+    """Chat messages for `example`: the user prompt, then (if `with_answer`) the answer as assistant turn,
+    with the task's trace as its `reasoning_content` when `reasoning` and the task thinks."""
+    messages: Messages = [{"role": "user", "content": example.prompt}]
     if with_answer:
         messages.append({"role": "assistant", "content": example.answer})
+        if reasoning and example.task in THINKING:
+            messages[-1]["reasoning_content"] = trace(example)
     return messages
 
 
+def prompt_ids(tokenizer, example: Example) -> list[int]:
+    """The chat-rendered prompt of `example`, thinking on for a thinking task: what evaluation and rollouts
+    feed the model (`tokenizer` is a `mimo.data.Tokenizer`)."""
+    return tokenizer.encode_chat(to_messages(example, with_answer=False), add_generation_prompt=True,
+                                 enable_thinking=example.task in THINKING)
+
+
+def completion_text(tokenizer, ids: Sequence[int]) -> str:
+    """Generated ids -> the assistant output up to the first `<|im_end|>` (`</think>` is not special, so it
+    stays for `answer_text`)."""
+    ids = list(ids)
+    if tokenizer.eos_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def evaluate(
-    generate_fn: Callable[[list[Messages]], list[str]],
+    generate_fn: Callable[[list[Example]], list[str]],
     tasks: Sequence[str] = TASKS,
     n_per_task: int = 100,
     seed: int = 0,
@@ -175,12 +234,12 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy per task on `n_per_task` examples of `split`.
 
-    `generate_fn` receives every prompt (as chat messages without the answer) in one list, so an engine can
-    batch them all, and must return one completion string per prompt (the assistant text, with the think
-    block and the stop token already removed).
+    `generate_fn` receives every example in one list, so an engine can batch them all, renders each prompt
+    (`prompt_ids`) and returns one completion per example: the assistant output up to the stop token, think
+    block included (`check` takes the answer part).
     """
     examples = [ex for t in tasks for ex in generate_examples(t, n_per_task, split, seed)]
-    completions = generate_fn([to_messages(ex, with_answer=False) for ex in examples])
+    completions = generate_fn(examples)
     if len(completions) != len(examples):
         raise ValueError(f"generate_fn returned {len(completions)} completions for {len(examples)} prompts")
     correct = dict.fromkeys(tasks, 0)

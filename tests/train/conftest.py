@@ -1,7 +1,7 @@
 import pytest
 
 from mimo.data import Tokenizer, load_corpus, mixed_documents
-from mimo.recipes import get_stage
+from mimo.train.recipes import get_stage
 
 # small enough that a debug run is a couple of seconds, large enough for a 64-token window
 CORPUS_BYTES = 40_000

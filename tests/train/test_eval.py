@@ -9,7 +9,6 @@ import torch
 from mimo import tasks as task_lib
 from mimo.engine.llm import DEFAULT_MODEL
 from mimo.train.eval import (
-    completion_text,
     correct_counts,
     engine_completions,
     evaluate_pass_at_k,
@@ -59,7 +58,8 @@ def test_pass_at_k_rejects_impossible_counts(n, c, k):
 def test_mean_pass_at_k_and_counts():
     examples = [task_lib.Example("add", "add 1 2", "3"), task_lib.Example("add", "add 2 2", "4"),
                 task_lib.Example("sort", "sort 3 1 2", "1 2 3")]
-    completions = [["3", " 3\n", "4", "33"], ["5", "5", "5", "5"], ["1 2 3", "1 2 3", "1 2 3", "1 3 2"]]
+    completions = [["</think>3", "</think> 3\n", "</think>4", "3"], ["</think>5"] * 4,
+                   ["1 2 3", "1 2 3", "1 2 3", "1 3 2"]]
     counts = correct_counts(examples, completions)
     assert counts == {"add": [2, 0], "sort": [3]}
     # add: example 1 has pass@2 = 1 - C(2,2)/C(4,2) = 5/6, example 2 has 0
@@ -90,8 +90,8 @@ def test_engine_greedy_equals_reference(shipped):
     gen = reference_generate_fn(model)
     with torch.no_grad():
         for ex, (text,) in zip(examples, got):
-            ids = tok.encode_chat(task_lib.to_messages(ex, with_answer=False), add_generation_prompt=True)
-            assert text == completion_text(tok, gen(ids, 24, tok.eos_id)), ex.prompt
+            ids = task_lib.prompt_ids(tok, ex)
+            assert text == task_lib.completion_text(tok, gen(ids, 24, tok.eos_id)), ex.prompt
 
 
 def test_engine_samples_are_seeded_per_sample(shipped):

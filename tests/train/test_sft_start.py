@@ -1,6 +1,7 @@
 """The sft-start recipe's SFT data: task shares, answers spelled one character per token, length-grouped
 batches (every conversation once per epoch, less padding, resumable)."""
 
+import json
 from itertools import islice
 
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 from mimo import tasks as task_lib
 from mimo.data import SFTLoader, Tokenizer
 from mimo.engine.llm import DEFAULT_MODEL
-from mimo.recipes import SFTData, final_stage, get_recipe, get_stage, sft_data
+from mimo.train.config import SFTData, TrainConfig
 from mimo.train.data import DataError, sft_train_examples, spelled_answer_encoder
+from mimo.train.recipes import final_stage, get_recipe, get_stage
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +45,34 @@ def test_reverse_answers_differ_from_bpe(tok):
     assert longer > 40
 
 
+def test_spelled_reasoning_keeps_the_think_markup(tok):
+    """With reasoning, the trace and the answer are spelled and `</think>` stays one token; the prompt is the
+    thinking-on inference prompt; sort is unchanged by the option."""
+    encode = spelled_answer_encoder(tok)
+    for t in task_lib.TASKS:
+        for ex in task_lib.generate_examples(t, 30, seed=0):
+            ids, mask = encode(task_lib.to_messages(ex, reasoning=True))
+            prompt = task_lib.prompt_ids(tok, ex)
+            assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])
+            body = [tok.decode([i]) for i in ids[len(prompt):-2]]
+            if t in task_lib.THINKING:
+                want = list(task_lib.trace(ex) + "\n") + ["</think>"] + list("\n\n" + ex.answer)
+            else:
+                want = list(ex.answer)
+                assert (ids, mask) == encode(task_lib.to_messages(ex))
+            assert body == want
+            assert task_lib.check(t, task_lib.completion_text(tok, ids[len(prompt):]), ex.answer)
+
+
 def test_stages_chain_in_recipe_order():
     """`mimo recipe` runs a recipe's stages in dict order and its result is the last stage's checkpoint."""
     stages = get_recipe("sft-start", "r")
-    assert list(stages) == ["pretrain", "mtp", "sft", "sft2"]
-    assert final_stage(stages) is stages["sft2"]
+    assert list(stages) == ["pretrain", "mtp", "sft", "think"]
+    assert final_stage(stages) is stages["think"]
     for before, after in zip(list(stages.values()), list(stages.values())[1:]):
         assert after.init_from == before.out
-    assert stages["sft2"].seed != stages["sft"].seed  # new conversations, not the first stage's again
+    assert stages["think"].seed != stages["sft"].seed  # new conversations, not the first stage's again
+    assert stages["think"].sft_data.reasoning and not stages["sft"].sft_data.reasoning
     assert list(get_recipe("tiny")) == ["pretrain", "mtp", "sft"]
 
 
@@ -68,10 +90,15 @@ def test_task_weights_set_the_shares():
             sft_train_examples(cfg, bad)
 
 
-def test_only_sft_start_changes_its_sft_data():
-    assert sft_data("tiny") == sft_data("debug") == SFTData()
-    opts = sft_data("sft-start")
+def test_sft_data_is_part_of_the_stage_config():
+    assert get_stage("tiny", "sft").sft_data == get_stage("debug", "sft").sft_data == SFTData()
+    opts = get_stage("sft-start", "sft").sft_data
     assert opts.spell_answers and opts.task_weights is not None and opts.replay_task_fraction > 0
+    assert all(c.sft_data.reasoning and c.sft_data.spell_answers for c in get_recipe("teacher-sft").values())
+    cfg = get_stage("sft-start", "think")
+    assert TrainConfig.from_json_dict(json.loads(json.dumps(cfg.to_json_dict()))) == cfg  # train_config.json
+    with pytest.raises(ValueError, match="replay_task_fraction"):
+        SFTData(replay_task_fraction=1.5)
 
 
 def _convs(n=300):
@@ -117,8 +144,9 @@ def test_replay_batch_holds_task_documents(tokenizer_dir):
     im_start = tok.encode_chat([{"role": "user", "content": "x"}])[0]
     share = {}
     for recipe in ("sft-start", "debug"):
-        cfg = get_stage("debug", "sft").replace(recipe=recipe, corpus_max_bytes=40_000, steps=4, batch_size=8,
-                                                seq_len=64, code_fraction=0.2, tokenizer=str(tokenizer_dir))
+        cfg = get_stage("debug", "sft").replace(corpus_max_bytes=40_000, steps=4, batch_size=8, seq_len=64,
+                                                code_fraction=0.2, tokenizer=str(tokenizer_dir),
+                                                sft_data=get_stage(recipe, "sft").sft_data)
         data = StageData(cfg, tok, build_corpus(cfg))
         share[recipe] = float((data.code.tokens == im_start).mean())
     assert share["debug"] == 0.0 and share["sft-start"] > 0.01

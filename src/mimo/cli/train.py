@@ -29,17 +29,18 @@ from mimo.cli import (
     unit_fraction,
     user_errors,
 )
+from mimo.tasks import MAX_NEW_TOKENS
 
 TITLE = "Train and evaluate"
 
 
 def _train_errors() -> tuple[type[Exception], ...]:
     """The training library's input errors (their messages are for the user). Imports torch."""
-    from mimo.recipes import RecipeError
     from mimo.train.checkpoint import TrainCheckpointError
     from mimo.train.config import TrainConfigError
     from mimo.train.data import DataError
     from mimo.train.loop import TrainError
+    from mimo.train.recipes import RecipeError
 
     return (TrainError, TrainCheckpointError, TrainConfigError, RecipeError, DataError, FileNotFoundError)
 
@@ -59,8 +60,8 @@ def _tasks(text: str) -> list[str]:
     return tasks
 
 
-def _evaluate(model_dir, tasks, n: int, seed: int = 0, max_new_tokens: int = 24, progress: bool = True,
-              split: str = "heldout") -> dict:
+def _evaluate(model_dir, tasks, n: int, seed: int = 0, max_new_tokens: int = MAX_NEW_TOKENS,
+              progress: bool = True, split: str = "heldout") -> dict:
     """Greedy task accuracy of a model or checkpoint directory, with a progress bar over the examples."""
     from mimo.train.eval import evaluate_tasks, load_for_eval
 
@@ -74,7 +75,7 @@ def _evaluate(model_dir, tasks, n: int, seed: int = 0, max_new_tokens: int = 24,
 
 def _stage_args(stages: tuple[str, ...]):
     def add(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--recipe", default="debug", help="named recipe in mimo.recipes (debug, tiny)")
+        p.add_argument("--recipe", default="debug", help="named recipe in mimo.train.recipes (debug, tiny)")
         p.add_argument("--stage", default=stages[0], help=f"which stage of the recipe ({', '.join(stages)}, or "
                        "another of this kind the recipe has)")
         p.set_defaults(stage_kinds=stages)
@@ -96,8 +97,8 @@ def _stage_args(stages: tuple[str, ...]):
 
 
 def _stage_config(args: argparse.Namespace):
-    from mimo.recipes import RecipeError, get_stage
     from mimo.train.config import TrainConfigError
+    from mimo.train.recipes import RecipeError, get_stage
 
     with user_errors(RecipeError, TrainConfigError):
         cfg = get_stage(args.recipe, args.stage)
@@ -150,7 +151,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=_tasks, default="add,reverse,sort", help="comma-separated (default: all)")
     p.add_argument("--n", type=positive_int, default=100, help="held-out examples per task")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=positive_int, default=24)
+    p.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS)
     p.add_argument("--split", choices=("heldout", "ood"), default="heldout",
                    help="held-out prompts, or out-of-distribution ones (longer inputs than training)")
     p.add_argument("--pass-k", type=positive_int_list, metavar="K,K", help="also pass@k for these k (e.g. 1,8) "
@@ -196,7 +197,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 
 def _recipe_stages(recipe: str, out: str):
     """(the recipe's stages, the final one); a recipe whose stages are not a chain is a user error."""
-    from mimo.recipes import RecipeError, final_stage, get_recipe
+    from mimo.train.recipes import RecipeError, final_stage, get_recipe
 
     with user_errors(RecipeError):
         stages = get_recipe(recipe, out)

@@ -53,7 +53,7 @@ from mimo.train.step import TrainingDiverged, forward_backward, optimizer_step
 from . import flops as flop_lib
 from . import grpo
 from .rewards import DOMAINS, parse_domains, step_examples
-from .rollout import RolloutBatch, build_batch, completion_text, generate_rollouts, prompt_ids
+from .rollout import RolloutBatch, build_batch, generate_rollouts
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
@@ -90,7 +90,7 @@ class RLConfig:
     steps: int = 50
     prompts_per_step: int = 16  # global, over all ranks
     group_size: int = 8
-    max_new_tokens: int = 24
+    max_new_tokens: int = 40  # a reverse trace and answer take up to 29 tokens
     temperature: float = 1.0  # top-k / top-p stay off: the trainer's log-probs must be the sampler's
     # docs/results/rl-probes.md: on models/sft-start lr 1e-4 without warmup collapsed sort at the first update
     # (AdamW's first step moves every weight by about the LR); 1e-5 (no warmup) and 2e-5 (10 warmup steps)
@@ -223,12 +223,12 @@ def greedy_accuracy(llm: LLM, tokenizer, domains, n: int, seed: int, max_tokens:
     engine's acceptance calibration over its whole history, so with drafts the eval FLOPs after a `--resume`
     (a new engine) would differ from the uninterrupted run's."""
     examples = [ex for d in domains for ex in task_lib.generate_examples(d, n, split, seed)]
-    outs = llm.generate([prompt_ids(tokenizer, ex) for ex in examples],
+    outs = llm.generate([task_lib.prompt_ids(tokenizer, ex) for ex in examples],
                         SamplingParams(max_tokens=max_tokens, temperature=0), num_speculative_tokens=0)
     correct = dict.fromkeys(domains, 0)
     spent = 0
     for ex, o in zip(examples, outs):
-        correct[ex.task] += task_lib.check(ex.task, completion_text(tokenizer, o.token_ids), ex.answer)
+        correct[ex.task] += task_lib.check(ex.task, task_lib.completion_text(tokenizer, o.token_ids), ex.answer)
         spent += flop_lib.rollout_flops(llm.model.config, len(o.prompt_token_ids), len(o.token_ids),
                                         o.metrics.num_drafted, o.metrics.num_accepted)
     return {d: correct[d] / n for d in domains}, spent

@@ -55,17 +55,6 @@ class RolloutBatch:
         return sum(len(r.token_ids) for r in self.rollouts)
 
 
-def prompt_ids(tokenizer, example: task_lib.Example) -> list[int]:
-    """The chat-rendered prompt (thinking off), as SFT and evaluation render it."""
-    return tokenizer.encode_chat(task_lib.to_messages(example, with_answer=False), add_generation_prompt=True)
-
-
-def completion_text(tokenizer, ids: list[int]) -> str:
-    if tokenizer.eos_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
 def generate_rollouts(llm: LLM, tokenizer, examples: list[task_lib.Example], group_size: int, seeds: list[int],
                       max_tokens: int, temperature: float = 1.0, drafts: int | None = None) -> RolloutBatch:
     """`group_size` samples of each example (sample j of example i seeded seeds[i] + j), scored; `drafts`
@@ -73,7 +62,7 @@ def generate_rollouts(llm: LLM, tokenizer, examples: list[task_lib.Example], gro
     keys = ("prompt_tokens", "generated_tokens", "drafted_tokens", "accepted_tokens", "verify_steps")
     before = llm.stats()
     t0 = time.perf_counter()
-    ids = [prompt_ids(tokenizer, ex) for ex in examples]
+    ids = [task_lib.prompt_ids(tokenizer, ex) for ex in examples]
     params = [SamplingParams(n=group_size, seed=s, temperature=temperature, max_tokens=max_tokens, logprobs=0,
                              logprobs_mode="processed", routed_experts=True) for s in seeds]
     outs = llm.generate(ids, params, num_speculative_tokens=drafts)
@@ -82,7 +71,7 @@ def generate_rollouts(llm: LLM, tokenizer, examples: list[task_lib.Example], gro
     rollouts = []
     for i, o in enumerate(outs):
         ex = examples[i // group_size]
-        text = completion_text(tokenizer, o.token_ids)
+        text = task_lib.completion_text(tokenizer, o.token_ids)
         rollouts.append(Rollout(ex, o.prompt_token_ids, o.token_ids, [lp.logprob for lp in o.logprobs],
                                 o.routed_experts, text, o.metrics.num_drafted, o.metrics.num_accepted,
                                 score(ex, text)))

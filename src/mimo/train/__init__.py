@@ -1,7 +1,7 @@
 """Training: pretraining (with one MTP head), the 3-MTP-head stage, SFT; checkpoints, FSDP2.
 
-Entry points: `mimo.train.loop.run(TrainConfig)`; the commands in `mimo.cli.train`; recipes in `mimo.recipes`.
-The names below load lazily, so `mimo.train.config` (and through it `mimo.recipes`) imports without torch.
+Entry points: `mimo.train.loop.run(TrainConfig)`; the commands in `mimo.cli.train`; recipes in `mimo.train.recipes`.
+The names below load lazily, so `mimo.train.config` and `mimo.train.recipes` import without torch.
 """
 
 from mimo._lazy import lazy_exports

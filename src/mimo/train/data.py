@@ -24,6 +24,7 @@ import torch
 
 from mimo import tasks as task_lib
 from mimo.data import IGNORE_INDEX, CorpusInfo, PackedStream, SFTLoader, Tokenizer, load_corpus, mixed_documents
+from mimo.data.tokenizer import THINK_END
 
 from .config import TrainConfig
 
@@ -106,15 +107,18 @@ def sft_train_examples(cfg: TrainConfig, task_weights: Sequence[tuple[str, float
 
 
 def spelled_answer_encoder(tokenizer: Tokenizer):
-    """`SFTLoader`'s encode: the usual chat rendering and mask, with the assistant answer re-tokenized one
-    character per token. The prompt part is untouched, so it is exactly what inference feeds the model."""
+    """`SFTLoader`'s encode: the usual chat rendering and mask, with the supervised span (the assistant's
+    reasoning, if any, and answer) re-tokenized one character per token, `</think>` kept as its one token.
+    The prompt part is untouched, so it is exactly what inference feeds the model."""
     def encode(conv):
         ids, mask = tokenizer.encode_chat_with_mask(conv)
         first = mask.index(True)
         # the supervised span is the answer followed by <|im_end|> (the loader's mask convention)
         end = first + mask[first:].index(False) - 1 if False in mask[first:] else len(mask) - 1
-        answer = tokenizer.decode(ids[first:end])
-        spelled = [i for ch in answer for i in tokenizer.encode(ch)]
+        pieces = tokenizer.decode(ids[first:end]).split(THINK_END)
+        spelled = [i for ch in pieces[0] for i in tokenizer.encode(ch)]
+        for piece in pieces[1:]:
+            spelled += [tokenizer.think_end_id] + [i for ch in piece for i in tokenizer.encode(ch)]
         return ids[:first] + spelled + ids[end:], mask[:first] + [True] * len(spelled) + mask[end:]
 
     return encode
@@ -146,10 +150,9 @@ class StageData:
         self.code: PackedStream | None = None
         self.sft: SFTLoader | None = None
         if cfg.stage == "sft":
-            from mimo.recipes import sft_data
-
-            opts = sft_data(cfg.recipe)
-            convs = [task_lib.to_messages(ex) for ex in sft_train_examples(cfg, opts.task_weights)]
+            opts = cfg.sft_data
+            convs = [task_lib.to_messages(ex, reasoning=opts.reasoning)
+                     for ex in sft_train_examples(cfg, opts.task_weights)]
             encode = spelled_answer_encoder(tokenizer) if opts.spell_answers else None
             self.sft = SFTLoader(convs, tokenizer, cfg.batch_size, seed=cfg.seed, max_len=cfg.seq_len,
                                  encode=encode, group_by_length=opts.group_by_length, **kw)
@@ -158,7 +161,7 @@ class StageData:
                 if opts.replay_task_fraction > 0:
                     docs = mixed_documents(docs, mix=opts.replay_task_fraction, seed=cfg.seed, tasks=tasks)
                 self.code = PackedStream(docs, tokenizer, cfg.sft_code_rows, cfg.seq_len, seed=cfg.seed, **kw)
-            val_convs = [task_lib.to_messages(ex) for ex in task_lib.mixed_examples(
+            val_convs = [task_lib.to_messages(ex, reasoning=opts.reasoning) for ex in task_lib.mixed_examples(
                 VAL_EXAMPLES_PER_TASK, "heldout", cfg.seed, tasks)]
             val = SFTLoader(val_convs, tokenizer, cfg.batch_size, shuffle=False, max_len=cfg.seq_len,
                             encode=encode)

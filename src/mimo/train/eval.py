@@ -1,10 +1,11 @@
 """Task accuracy of a model directory: exact match per task on a split (held-out by default), greedy
 decoding or pass@k of temperature sampling; and the pretrain validation loss on held-out code.
 
-The prompt is rendered with the chat template (thinking off), so the model sees exactly the SFT prompt; the
-completion is decoded up to the first `<|im_end|>`. Decoding is pluggable: `generate_fn(prompt_ids,
-max_new_tokens, eos_id) -> new ids`; the default is the model's slow reference `generate` (no cache), and the
-engine can pass its own faster path with the same greedy semantics.
+The prompt is rendered with the chat template (`mimo.tasks.prompt_ids`: thinking on for the tasks that
+think), so the model sees exactly the SFT prompt; the completion is decoded up to the first `<|im_end|>`
+and its answer part (after `</think>` for a thinking task) is checked. Decoding is pluggable:
+`generate_fn(prompt_ids, max_new_tokens, eos_id) -> new ids`; the default is the model's slow reference
+`generate` (no cache), and the engine can pass its own faster path with the same greedy semantics.
 
 `sample_tasks` / `evaluate_pass_at_k` decode every (prompt, sample) pair as one engine request
 (`mimo.engine.LLM`, all requests batched), each with its own seed, so a sample's tokens do not depend on the
@@ -34,25 +35,19 @@ def reference_generate_fn(model) -> GenerateFn:
     return fn
 
 
-def completion_text(tokenizer: Tokenizer, ids: list[int]) -> str:
-    if tokenizer.eos_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
 def evaluate_tasks(model, tokenizer: Tokenizer, tasks: Sequence[str] = task_lib.TASKS, n_per_task: int = 100,
-                   seed: int = 0, max_new_tokens: int = 24, generate_fn: GenerateFn | None = None,
+                   seed: int = 0, max_new_tokens: int = task_lib.MAX_NEW_TOKENS, generate_fn: GenerateFn | None = None,
                    split: str = "heldout", progress: Callable[[int], object] | None = None) -> dict[str, float]:
     """Exact-match accuracy per task (mimo.tasks.evaluate with chat rendering and greedy decoding);
     `progress(1)` is called after each example (e.g. a tqdm bar's `update`)."""
     gen = generate_fn or reference_generate_fn(model)
 
-    def batch_fn(conversations):
+    def batch_fn(examples):
         out = []
         with torch.no_grad():
-            for messages in conversations:
-                ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
-                out.append(completion_text(tokenizer, gen(ids, max_new_tokens, tokenizer.eos_id)))
+            for ex in examples:
+                ids = task_lib.prompt_ids(tokenizer, ex)
+                out.append(task_lib.completion_text(tokenizer, gen(ids, max_new_tokens, tokenizer.eos_id)))
                 if progress is not None:
                     progress(1)
         return out
@@ -72,7 +67,7 @@ def code_validation(model, tokenizer: Tokenizer, recipe: str = "tiny", task_frac
     """Validation loss and top-1 accuracy of the main head on the pretrain stage's validation batches of
     `recipe` (held-out code files mixed with held-out task examples; the figure its model card reports).
     `task_fraction=0.0` measures held-out code alone."""
-    from mimo.recipes import get_stage
+    from mimo.train.recipes import get_stage
 
     from .data import build_corpus, packed_val_batches
     from .loop import evaluate
@@ -102,7 +97,7 @@ def _sample_seed(seed: int, prompt: str, j: int) -> int:
 
 
 def engine_completions(model, tokenizer: Tokenizer, examples: Sequence[task_lib.Example], n_samples: int = 1,
-                       temperature: float = 1.0, seed: int = 0, max_new_tokens: int = 24,
+                       temperature: float = 1.0, seed: int = 0, max_new_tokens: int = task_lib.MAX_NEW_TOKENS,
                        max_num_seqs: int = 128) -> list[list[str]]:
     """`n_samples` completions per example (chat-rendered prompt, text up to `<|im_end|>`), every one an engine
     request of its own with a seed derived from (seed, prompt, sample index); temperature 0 is greedy."""
@@ -110,7 +105,7 @@ def engine_completions(model, tokenizer: Tokenizer, examples: Sequence[task_lib.
 
     prompts, params = [], []
     for ex in examples:
-        ids = tokenizer.encode_chat(task_lib.to_messages(ex, with_answer=False), add_generation_prompt=True)
+        ids = task_lib.prompt_ids(tokenizer, ex)
         for j in range(n_samples):
             prompts.append(ids)
             params.append(SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
@@ -118,7 +113,7 @@ def engine_completions(model, tokenizer: Tokenizer, examples: Sequence[task_lib.
     if not prompts:
         return [[] for _ in examples]
     llm = LLM(model, tokenizer=tokenizer, max_num_seqs=max_num_seqs, max_num_batched_tokens=4096, seed=seed)
-    texts = [completion_text(tokenizer, o.token_ids) for o in llm.generate(prompts, params)]
+    texts = [task_lib.completion_text(tokenizer, o.token_ids) for o in llm.generate(prompts, params)]
     return [texts[i * n_samples:(i + 1) * n_samples] for i in range(len(examples))]
 
 
@@ -139,7 +134,7 @@ def mean_pass_at_k(counts: Sequence[int], n: int, k: int) -> float:
 def evaluate_pass_at_k(model, tokenizer: Tokenizer, tasks: Sequence[str] = task_lib.TASKS,
                        n_per_task: int = 100, n_samples: int = 8, ks: Sequence[int] = (1, 8),
                        temperature: float = 1.0, split: str = "heldout", seed: int = 0,
-                       max_new_tokens: int = 24) -> dict[str, dict[str, float]]:
+                       max_new_tokens: int = task_lib.MAX_NEW_TOKENS) -> dict[str, dict[str, float]]:
     """Per task, on `n_per_task` examples of `split`: pass@k for each k in `ks` from `n_samples` samples at
     `temperature`, and greedy exact-match accuracy ("greedy"), all decoded by the engine."""
     if any(not 1 <= k <= n_samples for k in ks):

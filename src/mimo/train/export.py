@@ -131,7 +131,7 @@ def model_card(recipe: str, stages: dict[str, TrainConfig], final: Path, acc: di
         "",
         "## Training",
         "",
-        f"Recipe `{recipe}` (`mimo.recipes.{recipe}`), three stages, one CPU process each, 1 thread "
+        f"Recipe `{recipe}` (`mimo.train.recipes.{recipe}`), three stages, one CPU process each, 1 thread "
         "(`OMP_NUM_THREADS=1`), on a 2-core machine shared with other jobs:",
         "",
         "| stage | steps | batch (seqs x tokens) | LR | tokens | wall time | train lm loss (last 10 steps) | "
