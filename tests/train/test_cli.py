@@ -47,7 +47,7 @@ def test_stage_missing_from_recipe(tmp_path, capsys):
 
 
 def test_stage_of_another_kind(tmp_path, capsys):
-    assert main(["pretrain", "--recipe", "sft-start", "--stage", "sft2", "--out", str(tmp_path / "x")]) == 2
+    assert main(["pretrain", "--recipe", "sft-start", "--stage", "think", "--out", str(tmp_path / "x")]) == 2
     assert "is a 'sft' stage: run it with 'mimo sft'" in one_error_line(capsys)
 
 

@@ -11,10 +11,9 @@ Stages run in the order of the recipe's dict; each later stage starts from the p
 - `debug`: seconds on a CPU; the tests use it (small corpus slice, the `debug` model preset).
 - `tiny`: the shipped default model `models/mimo-tiny` (the `tiny` preset, ~10M parameters); the whole
   recipe is budgeted for about an hour on a shared 2-core CPU (measured: see models/mimo-tiny/README.md).
-- `sft-start`: `tiny`'s pretrain and mtp stages, then a longer task SFT that keeps the pretrained code model:
-  the starting point for RL (`models/sft-start` is the `sft` stage's result, docs/results/sft-start.md), and
-  `sft2`, that SFT continued with the LR re-warmed on new conversations (measured to step 600, not exported).
-  Its SFT data options beyond TrainConfig are in `SFT_DATA`.
+- `sft-start`: `tiny`'s pretrain and mtp stages, then a longer task SFT that keeps the pretrained code model,
+  then `think`, the same SFT continued with add and reverse reasoning in the think block (`mimo.tasks.trace`):
+  the starting point for RL (`models/sft-start`, docs/results/sft-start.md).
 - `teacher-sft`: one independent SFT stage per domain from `models/sft-start`, the first half of a teacher.
 
 Why these numbers (tiny), measured on a 2-core machine shared with four other jobs, 1 thread per process:
@@ -29,40 +28,14 @@ Whole recipe: ~55 min plus a minute of task evaluation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 
-from mimo.train.config import TrainConfig
+from mimo.train.config import SFTData, TrainConfig
 
 
 class RecipeError(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class SFTData:
-    """How a recipe's SFT stage draws its task conversations, beyond what TrainConfig holds (read by
-    `mimo.train.data` through the config's `recipe` name, so a run's train_config.json still names it).
-
-    - task_weights: (task, share) pairs, the shares of the training conversations; None = equal shares.
-    - spell_answers: assistant answers tokenized one character per token rather than by BPE (prompts and
-      the chat markup are unchanged), so writing a reversed string needs no knowledge of how BPE merges it.
-    - group_by_length: batches of similar-length conversations (`SFTLoader(group_by_length=True)`).
-    - replay_task_fraction: the packed code micro-batch replays the pretraining mixture, chat-rendered task
-      examples (prompts included, full loss) making up this share of its characters, rather than code
-      alone. Loss on assistant tokens only lets the rest of a conversation drift: the shipped model's
-      pretrain validation loss (code + task documents) went 3.07 -> 4.04 in SFT while held-out code alone
-      went 4.53 -> 4.67.
-    """
-
-    task_weights: tuple[tuple[str, float], ...] | None = None
-    spell_answers: bool = False
-    group_by_length: bool = False
-    replay_task_fraction: float = 0.0
-
-
-def sft_data(recipe: str) -> SFTData:
-    return SFT_DATA.get(recipe, SFTData())
 
 
 def debug(out: str = "runs/debug") -> dict[str, TrainConfig]:
@@ -106,28 +79,30 @@ def sft_start(out: str = "runs/sft-start") -> dict[str, TrainConfig]:
     mtp = stages["mtp"].replace(recipe="sft-start")
     sft = stages["sft"].replace(recipe="sft-start", steps=800, batch_size=64, seq_len=256, warmup_steps=20,
                                 code_fraction=0.2, sft_code_rows=8, eval_every=100, ckpt_every=50,
-                                keep_checkpoints=4)
-    # add and reverse were still improving at step 800 (SFT val 1.65 / 1.29 / 1.03 at steps 100 / 400 / 800)
-    # with the LR at its floor: re-warm to 0.6x the first peak and draw new conversations (seed 1).
-    sft2 = sft.replace(out=f"{out}/sft2", init_from=f"{out}/sft", steps=1600, lr=6e-4, min_lr=6e-5, seed=1,
-                       ckpt_every=100, keep_checkpoints=20)
-    return {"pretrain": pre, "mtp": mtp, "sft": sft, "sft2": sft2}
+                                keep_checkpoints=4, sft_data=SFTData(
+                                    task_weights=(("add", 0.4), ("reverse", 0.4), ("sort", 0.2)),
+                                    spell_answers=True, replay_task_fraction=0.3))
+    # add and reverse answered directly were at 0.00 greedy after 800 steps and 0.00 / 0.07 after 600 more
+    # (docs/results/sft-start.md): the same mixture with the thinking tasks' traces, LR re-warmed to 0.6x
+    # the first peak, new conversations (seed 1)
+    think = sft.replace(out=f"{out}/think", init_from=f"{out}/sft", steps=240, lr=6e-4, min_lr=6e-5, seed=1,
+                        eval_every=40, ckpt_every=40,
+                        sft_data=dataclasses.replace(sft.sft_data, reasoning=True))
+    return {"pretrain": pre, "mtp": mtp, "sft": sft, "think": think}
 
 
 def teacher_sft(out: str = "runs/teacher-sft") -> dict[str, TrainConfig]:
     """One stage per domain, each independent (not a chain): SFT of `models/sft-start` on that domain's
     conversations alone, the first half of a domain teacher before GRPO. A teacher is judged on its own
-    domain only, so there is no code replay. LR as sft2's."""
-    sft = sft_start()["sft2"]
-    return {d: sft.replace(recipe="teacher-sft", out=f"{out}/{d}", init_from="models/sft-start", tasks=(d,),
-                           steps=300, code_fraction=0.0, seed=2, ckpt_every=50, eval_every=50, keep_checkpoints=6)
+    domain only, so there is no code replay. LR as the think stage's."""
+    think = sft_start()["think"]
+    return {d: think.replace(recipe="teacher-sft", out=f"{out}/{d}", init_from="models/sft-start", tasks=(d,),
+                             steps=300, code_fraction=0.0, seed=2, ckpt_every=50, eval_every=50,
+                             keep_checkpoints=6, sft_data=SFTData(spell_answers=True, reasoning=True))
             for d in ("add", "reverse", "sort")}
 
 
 RECIPES = {"debug": debug, "tiny": tiny, "sft-start": sft_start, "teacher-sft": teacher_sft}
-SFT_DATA = {"sft-start": SFTData(task_weights=(("add", 0.4), ("reverse", 0.4), ("sort", 0.2)), spell_answers=True,
-                                  replay_task_fraction=0.3),
-            "teacher-sft": SFTData(spell_answers=True)}
 
 
 def get_recipe(name: str, out: str | Path | None = None) -> dict[str, TrainConfig]:
