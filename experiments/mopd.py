@@ -2,9 +2,9 @@
 prompts, seeds and steps; every run resumable; the results file written by code from the runs' metrics.
 
 Run so far on the sort domain only (the one teacher that exists, models/teachers/sort): 2 seeds x 30 steps
-at the default LR, and an LR probe (docs/results/mopd.md, docs/results/mopd-lr*/). Not yet: add and
-reverse (no teachers), the SFT-on-teacher-samples and weight-averaging arms, 3 seeds. Tested on debug
-checkpoints (tests/posttrain/test_mopd_experiment.py).
+at the default LR, and an LR probe (docs/results/mopd.md, docs/results/mopd-lr*/), without the teacher-sft
+and weight-avg arms. Not yet: add and reverse (no teachers), 3 seeds. Tested on debug checkpoints
+(tests/posttrain/test_mopd_experiment.py).
 
     python -m experiments.mopd --student DIR --teacher add=DIR --teacher sort=DIR [--teacher reverse=self]
         --out runs/mopd-exp [--preset default] [--seeds 0,1,2] [--steps N] [--eval-n N]
@@ -15,6 +15,11 @@ Arms:
     mix-rl          GRPO on the same prompt mixture: "RL from the student" without teachers
     wrong-teacher   MOPD alpha 0 with each domain's teacher moved to the next domain (with >= 2 distinct
                     teachers): does routing matter?
+    teacher-sft     SFT on the teachers' correct samples of the same prompts (mopd.TeacherSFTConfig): the
+                    ledger charges the teachers' generation, rejected samples included, and the updates
+    weight-avg      the teachers' weights averaged parameter by parameter (each distinct teacher once, `self`
+                    the student), evaluated once per seed by the runs' evaluation: one point, FLOPs of the
+                    evaluation only
 Run directories OUT/ARM/seedS; a finished run is skipped, an interrupted one resumed (`--resume`, exact).
 
 Results (OUT/results.json, OUT/results.md), per arm (mean over seeds, and per seed in the JSON):
@@ -22,8 +27,9 @@ Results (OUT/results.json, OUT/results.md), per arm (mean over seeds, and per se
     recovery        R_d = accuracy_d / teacher accuracy_d (mean and minimum over domains); each teacher is
                     evaluated by the runs' own evaluation on the same held-out prompts (they depend on the
                     seed), once per seed, cached in OUT/teachers.json
-    at_budget       accuracy per domain at the last evaluation within the smallest final FLOPs of any run:
-                    the arms compared at equal compute (MOPD pays for its teachers' forwards)
+    at_budget       accuracy per domain at the last evaluation within the smallest final FLOPs of any trained
+                    run (weight-avg trains nothing and sets no budget): the arms compared at equal compute
+                    (MOPD pays for its teachers' forwards, teacher-sft for their generation)
     flops_to_95     FLOPs at the first evaluation reaching 95% of every teacher's accuracy (None: never)
     flops           total and by ledger entry
 """
@@ -32,8 +38,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +51,16 @@ import torch
 from mimo.checkpoint import load_model
 from mimo.cli.train import teacher_arg
 from mimo.engine import LLM
+from mimo.posttrain import flops as flop_lib
 from mimo.posttrain import loop
-from mimo.posttrain.mopd import SELF, MOPDConfig
+from mimo.posttrain.mopd import SELF, MOPDConfig, TeacherSFTConfig
 from mimo.train import checkpoint as ckpt_io
 from mimo.train.data import load_tokenizer
-from mimo.train.loop import read_metrics
+from mimo.train.loop import TrainError, read_metrics
 
 RESULTS_JSON, RESULTS_MD, CURVES_PNG = "results.json", "results.md", "curves.png"
 TEACHERS_JSON, START_JSON = "teachers.json", "start.json"
+WEIGHT_AVG = "weight-avg"  # the arm's kind: a merged model evaluated, nothing trained
 
 
 def arms(teachers: tuple[tuple[str, str], ...]) -> dict[str, dict[str, Any]]:
@@ -63,7 +74,61 @@ def arms(teachers: tuple[tuple[str, str], ...]) -> dict[str, dict[str, Any]]:
         moved = sources[-1:] + sources[:-1]
         out["wrong-teacher"] = dict(kind=MOPDConfig, teachers=tuple((d, s) for (d, _), s in zip(teachers, moved)),
                                     alpha=0.0)
+    out["teacher-sft"] = dict(kind=TeacherSFTConfig, teachers=teachers)
+    out[WEIGHT_AVG] = dict(kind=WEIGHT_AVG, teachers=teachers)
     return out
+
+
+def eval_config(base: dict[str, Any]) -> loop.RLConfig:
+    """The runs' evaluation settings (eval_n, max_new_tokens) for models evaluated outside a run."""
+    return loop.preset(base["preset"], **({"eval_n": base["eval_n"]} if base.get("eval_n") else {}))
+
+
+def eval_engine(model: torch.nn.Module, tokenizer, cfg: loop.RLConfig) -> LLM:
+    return LLM(model, tokenizer=tokenizer, max_model_len=128 + cfg.max_new_tokens, max_num_batched_tokens=2048)
+
+
+def average_weights(teachers: Sequence[tuple[str, str]], student: str) -> torch.nn.Module:
+    """The teachers' models ((domain, directory or `self`: the student's starting weights); each distinct
+    source once, however many domains it teaches) averaged parameter by parameter. TrainError for a teacher
+    with another tokenizer than the student, or other parameters (names or shapes) than the first teacher."""
+    want = loop.tokenizer_digest(loop.model_dir(student, "--student"))
+    first_domain: dict[str, str] = {}
+    for d, source in teachers:
+        first_domain.setdefault(source, d)
+    states: list[dict[str, torch.Tensor]] = []
+    for source, d in first_domain.items():
+        flag = f"--teacher {d}={source}"
+        path = loop.model_dir(student if source == SELF else source, flag)
+        if loop.tokenizer_digest(path) != want:
+            raise TrainError(f"weight-avg: {flag}: its tokenizer differs from the student's")
+        model = load_model(path, dtype=torch.float32)
+        state = model.state_dict()
+        if states and {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in states[0].items()}:
+            raise TrainError(f"weight-avg: {flag}: not the parameters of the first teacher (another architecture)")
+        states.append(state)
+    model.load_state_dict({k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]})
+    return model
+
+
+def run_weight_avg(run_dir: Path, teachers: tuple[tuple[str, str], ...], base: dict[str, Any], seed: int) -> Path:
+    """The weight-avg arm at one seed: its one metrics row, the merged model's greedy held-out accuracy by the
+    runs' evaluation (the seed's prompts) and the evaluation's FLOPs, at step 0; skipped if written."""
+    if read_metrics(run_dir):
+        return run_dir
+    cfg = eval_config(base)
+    tok = load_tokenizer(loop.model_dir(base["student"], "--student"))
+    llm = eval_engine(average_weights(teachers, base["student"]), tok, cfg)
+    acc, spent = loop.greedy_accuracy(llm, tok, base["domains"], cfg.eval_n, seed, cfg.max_new_tokens)
+    ledger = flop_lib.FlopLedger()
+    ledger.add("eval", spent)
+    row = {"step": 0, "eval_accuracy": acc, "flops": ledger.total, "flops_by_kind": dict(ledger.flops),
+           "time": round(time.time(), 2)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (loop.METRICS_FILE + ".tmp")
+    tmp.write_text(json.dumps(row) + "\n")
+    os.replace(tmp, run_dir / loop.METRICS_FILE)  # a half-written row never reads as a finished run
+    return run_dir
 
 
 def run_arm(out: Path, arm: str, seed: int, spec: dict[str, Any], base: dict[str, Any],
@@ -71,10 +136,12 @@ def run_arm(out: Path, arm: str, seed: int, spec: dict[str, Any], base: dict[str
     """Train (or finish, or skip) one arm at one seed; returns its run directory."""
     spec = dict(spec)
     kind = spec.pop("kind")
+    run_dir = out / arm / f"seed{seed}"
+    if kind == WEIGHT_AVG:
+        return run_weight_avg(run_dir, spec["teachers"], base, seed)
     for k in ("steps", "eval_n", "lr"):
         if base.get(k):
             spec[k] = base[k]
-    run_dir = out / arm / f"seed{seed}"
     cfg = loop.preset(base["preset"], kind, init_from=base["student"], out=str(run_dir), domains=base["domains"],
                       seed=seed, progress=False, **spec)
     if not ckpt_io.has_checkpoint(run_dir):
@@ -90,13 +157,12 @@ def model_accuracy(out: Path, base: dict[str, Any], sources: tuple[tuple[str, st
     prompts depend on the seed); a source is a directory or `self` (the student); cached in OUT/cache_name."""
     cache = out / cache_name
     acc = json.loads(cache.read_text()) if cache.is_file() else {}
-    cfg = loop.preset(base["preset"], **({"eval_n": base["eval_n"]} if base.get("eval_n") else {}))
+    cfg = eval_config(base)
     todo = [s for s in seeds if str(s) not in acc]
     for d, source in sources if todo else ():
         path = loop.model_dir(base["student"] if source == SELF else source, f"--teacher {d}={source}")
         tok = load_tokenizer(path)
-        llm = LLM(load_model(path, dtype=torch.float32), tokenizer=tok, max_model_len=128 + cfg.max_new_tokens,
-                  max_num_batched_tokens=2048)
+        llm = eval_engine(load_model(path, dtype=torch.float32), tok, cfg)
         for s in todo:
             acc.setdefault(str(s), {})[d] = loop.greedy_accuracy(llm, tok, (d,), cfg.eval_n, s,
                                                                  cfg.max_new_tokens)[0][d]
@@ -145,7 +211,9 @@ def plot_curves(rows: dict[str, list[list[dict[str, Any]]]], teacher_acc: dict[s
             n = min(len(e) for e in evals)
             x = [statistics.fmean(e[i]["flops"] for e in evals) for i in range(n)]
             acc = [[e[i]["eval_accuracy"][d] for e in evals] for i in range(n)]
-            line, = ax.plot(x, [statistics.fmean(a) for a in acc], "o-", label=arm)
+            # an arm that trains nothing (weight-avg: one evaluation at step 0) is a point, not a curve
+            style = dict(marker="*", markersize=12, ls="none") if runs[0][-1]["step"] == 0 else dict(marker="o")
+            line, = ax.plot(x, [statistics.fmean(a) for a in acc], label=arm, **style)
             ax.fill_between(x, [min(a) for a in acc], [max(a) for a in acc], color=line.get_color(), alpha=0.2)
         ax.axhline(statistics.fmean(t[d] for t in teacher_acc.values()), color="k", ls="--", lw=0.8,
                    label="teacher")
@@ -164,7 +232,9 @@ def write_results(out: Path, run_dirs: dict[str, list[Path]], teacher_acc: dict[
     list(teacher_acc)[i]); with `docs`, also DOCS/mopd.md and DOCS/mopd-curves.png."""
     seeds = list(teacher_acc)
     rows = {arm: [read_metrics(d) for d in dirs] for arm, dirs in run_dirs.items()}
-    budget = min(r[-1]["flops"] for runs in rows.values() for r in runs)
+    every = [r for runs in rows.values() for r in runs]
+    # weight-avg's one row (step 0) costs an evaluation only: a budget no trained run has an evaluation within
+    budget = min(r[-1]["flops"] for r in [r for r in every if r[-1]["step"] > 0] or every)
     per_seed = {arm: [summarise_run(r, teacher_acc[s], budget) for r, s in zip(runs, seeds)]
                 for arm, runs in rows.items()}
     keys = ("accuracy", "recovery_mean", "recovery_min", "at_budget", "flops_to_95", "flops")
@@ -182,18 +252,21 @@ def write_results(out: Path, run_dirs: dict[str, list[Path]], teacher_acc: dict[
         vals = [s["accuracy"][d] for s in per_seed[arm]]
         return f"{statistics.fmean(vals):.3g} ({min(vals):.3g}-{max(vals):.3g})" if len(vals) > 1 else fmt(vals[0])
 
-    first = json.loads((ckpt_io.find_checkpoint(next(iter(run_dirs.values()))[0]) / loop.CONFIG_FILE).read_text())
-    settings = ", ".join(f"{k} {first[k]}" for k in ("init_from", "steps", "prompts_per_step", "group_size", "lr",
-                                                      "warmup_steps", "eval_n"))
-    lines = [f"# MOPD experiment (seeds {','.join(seeds)}; generated by experiments/mopd.py)", "",
-             f"every run: {settings}", "",
-             "teacher accuracy (mean over seeds): " + ", ".join(f"{d} {mean_teacher[d]:.3f}" for d in domains),
-             f"equal-compute budget: {budget:.3g} FLOPs", "",
-             "acc: final greedy held-out accuracy, mean over seeds (min-max); R: student / teacher accuracy; "
-             "at budget: the last evaluation within the smallest final FLOPs of any run", "",
-             "| arm | " + " | ".join(f"acc {d}" for d in domains) + " | R mean | R min | "
-             + " | ".join(f"acc {d} at budget" for d in domains) + " | FLOPs to 95% | FLOPs |",
-             "|" + "---|" * (2 * len(domains) + 5)]
+    trained = [d for dirs in run_dirs.values() for d in dirs if ckpt_io.has_checkpoint(d)]
+    lines = [f"# MOPD experiment (seeds {','.join(seeds)}; generated by experiments/mopd.py)", ""]
+    if trained:
+        first = json.loads((ckpt_io.find_checkpoint(trained[0]) / loop.CONFIG_FILE).read_text())
+        lines += ["every run: " + ", ".join(f"{k} {first[k]}" for k in ("init_from", "steps", "prompts_per_step",
+                                                                        "group_size", "lr", "warmup_steps",
+                                                                        "eval_n")), ""]
+    lines += ["teacher accuracy (mean over seeds): " + ", ".join(f"{d} {mean_teacher[d]:.3f}" for d in domains),
+              f"equal-compute budget: {budget:.3g} FLOPs", "",
+              "acc: final greedy held-out accuracy, mean over seeds (min-max); R: student / teacher accuracy; "
+              "at budget: the last evaluation within the smallest final FLOPs of any trained run (weight-avg: "
+              "the merged teachers, evaluated only)", "",
+              "| arm | " + " | ".join(f"acc {d}" for d in domains) + " | R mean | R min | "
+              + " | ".join(f"acc {d} at budget" for d in domains) + " | FLOPs to 95% | FLOPs |",
+              "|" + "---|" * (2 * len(domains) + 5)]
     if start_acc:
         lines.append("| start (the student before training) | " + " | ".join(
             f"{statistics.fmean(a[d] for a in start_acc.values()):.3g} ({min(a[d] for a in start_acc.values()):.3g}"

@@ -1,15 +1,22 @@
 """experiments/mopd.py on debug checkpoints only (its numbers mean nothing here): every arm runs, an
-interrupted run is finished by resuming, a second invocation trains nothing and regenerates the same results."""
+interrupted run is finished by resuming, a second invocation trains nothing and regenerates the same results;
+the weight-avg arm's model is the teachers' mean."""
 
 import json
+import shutil
 
 import pytest
+import torch
 from experiments import mopd as exp
 
+from mimo.checkpoint import load_model, save_model
 from mimo.engine.config import DEFAULT_MODEL
-from mimo.train.loop import read_metrics
+from mimo.train.loop import TrainError, read_metrics
+from tests.conftest import make_model
 from tests.posttrain.test_mopd import perturbed_teacher
 from tests.posttrain.test_rl_loop import snapshot
+
+TRAINED = {"mopd-a0", "mopd-a0.5", "mix-rl", "wrong-teacher", "teacher-sft"}
 
 
 def test_arms_resume_and_results(tmp_path):
@@ -21,18 +28,29 @@ def test_arms_resume_and_results(tmp_path):
     spec = exp.arms(teachers)
     assert spec["wrong-teacher"]["teachers"] == (("add", str(teacher)), ("sort", "self"))
     base = {"student": str(DEFAULT_MODEL), "preset": "debug", "steps": None, "domains": ("add", "sort")}
-    exp.run_arm(out, "mopd-a0", 0, spec["mopd-a0"], base, stop_after=1)  # interrupted after step 1
-    assert [r["step"] for r in read_metrics(out / "mopd-a0" / "seed0")] == [1]
+    for arm in ("mopd-a0", "teacher-sft"):  # interrupted after step 1
+        exp.run_arm(out, arm, 0, spec[arm], base, stop_after=1)
+        assert [r["step"] for r in read_metrics(out / arm / "seed0")] == [1]
 
     with pytest.raises(SystemExit):  # an unknown arm is refused before anything runs
         exp.main([*argv, "--arms", "mopd-a0,nope"])
     results = exp.main(argv)
-    assert set(results["arms"]) == {"mopd-a0", "mopd-a0.5", "mix-rl", "wrong-teacher"}
-    for arm in results["arms"]:
+    assert set(results["arms"]) == TRAINED | {"weight-avg"}
+    for arm in TRAINED:
         assert [r["step"] for r in read_metrics(out / arm / "seed0")] == [1, 2], arm
-    assert results["arms"]["mix-rl"]["seeds"][0]["flops_by_kind"]["teacher"] == 0
-    assert results["arms"]["mopd-a0"]["seeds"][0]["flops_by_kind"]["teacher"] > 0
-    assert results["flop_budget"] == min(a["mean"]["flops"] for a in results["arms"].values())
+    arm_flops = {arm: a["seeds"][0]["flops_by_kind"] for arm, a in results["arms"].items()}
+    assert arm_flops["mix-rl"]["teacher"] == 0
+    assert arm_flops["mopd-a0"]["teacher"] > 0
+    # teacher-sft: the teachers' generation is its rollout entry, no teacher scoring
+    assert arm_flops["teacher-sft"]["rollout"] > 0 and arm_flops["teacher-sft"]["teacher"] == 0
+    # weight-avg: one evaluation row at step 0, nothing but the evaluation charged, and no say in the budget
+    avg_rows = read_metrics(out / "weight-avg" / "seed0")
+    assert len(avg_rows) == 1 and avg_rows[0]["step"] == 0 and set(avg_rows[0]["eval_accuracy"]) == {"add", "sort"}
+    assert arm_flops["weight-avg"]["eval"] == avg_rows[0]["flops"] > 0
+    assert sum(arm_flops["weight-avg"].values()) == arm_flops["weight-avg"]["eval"]
+    assert results["flop_budget"] == min(results["arms"][a]["mean"]["flops"] for a in TRAINED)
+    assert results["arms"]["weight-avg"]["mean"]["flops"] < results["flop_budget"]
+    assert results["arms"]["weight-avg"]["mean"]["at_budget"] == avg_rows[0]["eval_accuracy"]
     assert set(results["teacher_accuracy"]["0"]) == {"add", "sort"}
     # add's teacher is "self": the student's own start, evaluated on the same prompts
     assert results["start_accuracy"]["0"]["add"] == results["teacher_accuracy"]["0"]["add"]
@@ -45,3 +63,30 @@ def test_arms_resume_and_results(tmp_path):
     again = exp.main(argv)  # everything finished: nothing trains, the same results are written
     assert {arm: snapshot(out / arm) for arm in results["arms"]} == before
     assert again == json.loads((out / exp.RESULTS_JSON).read_text()) == json.loads(json.dumps(results))
+
+    # weight-avg alone: no trained run, so its own FLOPs are the budget and no run settings are listed
+    alone = exp.main([*argv, "--arms", "weight-avg"])
+    assert set(alone["arms"]) == {"weight-avg"} and alone["flop_budget"] == arm_flops["weight-avg"]["eval"]
+    assert "every run:" not in (out / exp.RESULTS_MD).read_text()
+
+
+def test_weight_avg_is_the_teachers_mean(tmp_path):
+    """Two distinct teachers (the student as `self`, and a perturbed copy): every tensor is their elementwise
+    mean; a teacher used for two domains counts once; a teacher of another architecture is refused."""
+    teacher = perturbed_teacher(tmp_path / "t")
+    a = load_model(DEFAULT_MODEL, dtype=torch.float32).state_dict()
+    b = load_model(teacher, dtype=torch.float32).state_dict()
+    merged = exp.average_weights((("add", "self"), ("sort", str(teacher))), str(DEFAULT_MODEL)).state_dict()
+    assert merged.keys() == a.keys()
+    for k in a:
+        torch.testing.assert_close(merged[k], (a[k] + b[k]) / 2)
+    assert any(not torch.equal(merged[k], a[k]) and not torch.equal(merged[k], b[k]) for k in a)
+    twice = exp.average_weights((("add", "self"), ("reverse", "self"), ("sort", str(teacher))), str(DEFAULT_MODEL))
+    assert all(torch.equal(v, merged[k]) for k, v in twice.state_dict().items())
+
+    other = tmp_path / "other"  # the test preset's model with the student's tokenizer
+    save_model(make_model(), other)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(DEFAULT_MODEL / f, other / f)
+    with pytest.raises(TrainError, match="--teacher sort=.*another architecture"):
+        exp.average_weights((("add", "self"), ("sort", str(other))), str(DEFAULT_MODEL))

@@ -1,16 +1,22 @@
 """`mimo rl` and `mimo mopd`: GRPO / MOPD on the toy tasks, strictly on-policy, with the engine as the rollout
-worker. One loop for both: a `Method` (from the config) says how a step's rollouts become the objective's
-per-token advantages; GRPO uses the outcome advantage alone, MOPD (mopd.py) adds each domain's teacher.
+worker. One loop for every method: a `Method` (from the config) says which engine samples each domain, which
+rows the update trains on and with which objective; GRPO uses the outcome advantage alone, MOPD (mopd.py) adds
+each domain's teacher, teacher-SFT (mopd.py, the SFT-on-teacher-samples baseline) samples from the teachers
+and trains on their correct samples by cross-entropy.
 
 One step (grpo.py has the objective):
 1. the step's prompts (`rewards.step_examples`: a pure function of seed and step, domains shuffled
    together); rank r of W takes its contiguous 1/W of them;
 2. G samples of each through the engine (MTP speculation on, per-sample seeds, processed log-probs and
-   routed experts returned), scored by the exact-match verifiers;
-3. group-normalised advantages; for GRPO a batch where no group has reward variance is skipped (logged, no
-   update); the method scores the rollouts (MOPD: each teacher's forward over its domain's rows);
-4. one forward/backward over the rollouts with routing replay (the rollout's experts) and the MTP heads
-   trained on them with the trunk detached, then one optimizer step (one update per rollout batch);
+   routed experts returned), scored by the exact-match verifiers; the student's engine, or for teacher-SFT
+   the domain's teacher's;
+3. group-normalised advantages; a batch the method cannot learn from is skipped (logged, no update): for
+   GRPO one where no group has reward variance, for teacher-SFT one without a correct sample; the method
+   scores the rollouts (MOPD: each teacher's forward over its domain's rows; teacher-SFT keeps the correct
+   samples' rows);
+4. one forward/backward over the rows with routing replay (the rollout's experts; not for teacher-SFT,
+   whose samples carry the teacher's) and the MTP heads trained on them with the trunk detached, then one
+   optimizer step (one update per rollout batch);
 5. the new weights go into the engine (`LLM.update_weights`).
 Every model call's FLOPs go into the ledger (flops.py). Greedy held-out accuracy every `eval_every` steps.
 Checkpoints are atomic and `--resume` continues exactly: the prompts and the rollout seeds are functions of
@@ -30,7 +36,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,12 +54,12 @@ from mimo.train import parallel
 from mimo.train.data import Batch, DataError, load_tokenizer
 from mimo.train.loop import TrainError, read_metrics, stopped
 from mimo.train.optim import param_groups
-from mimo.train.step import TrainingDiverged, forward_backward, optimizer_step
+from mimo.train.step import LossFn, TrainingDiverged, forward_backward, optimizer_step
 
 from . import flops as flop_lib
 from . import grpo
 from .rewards import DOMAINS, parse_domains, step_examples
-from .rollout import RolloutBatch, build_batch, generate_rollouts
+from .rollout import Rollout, RolloutBatch, build_batch, generate_rollouts
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
@@ -69,17 +75,39 @@ class Method:
     """What a post-training method adds to the shared loop."""
 
     name: str  # the progress bar's label
-    # (this rank's rollouts, their training rows with the outcome advantages [B]) -> (the rows the advantage
-    # reads, the per-token advantage of the objective, model FLOPs spent scoring them on this rank)
-    score: Callable[[RolloutBatch, Batch], tuple[Batch, grpo.TokenAdvantage, int]]
-    # global sums of the advantage's metrics -> what the step logs
+    # (this rank's rollouts, their training rows with the outcome advantages [B]) -> (the rows the objective
+    # trains on, model FLOPs spent scoring them on this rank)
+    score: Callable[[RolloutBatch, Batch], tuple[Batch, int]]
+    # (config, global rows, global response tokens, global MTP targets per head, MoE layer ids) -> the loss
+    # function of the update (mimo.train.step.forward_backward)
+    objective: Callable[[RLConfig, int, int, list[int], list[int]], LossFn]
+    # global sums of the objective's metrics -> what the step logs beyond the common ones
     summarise: Callable[[dict[str, float]], dict[str, Any]]
-    # GRPO learns only from reward differences within a group, so a batch without any is skipped; MOPD's
-    # teacher term teaches on every token, so it never skips
-    skip_without_reward_variance: bool
+    # (global groups without reward variance, groups, correct samples) -> why the step has nothing to learn
+    # from (logged, no update), or None to update
+    skip: Callable[[int, int, int], str | None]
+    # the engine that samples each domain's prompts; None: the student's own (on-policy)
+    samplers: Mapping[str, LLM] | None = None
 
 
-GRPO = Method("rl", lambda rb, batch: (batch, grpo.outcome_advantage, 0), lambda sums: {}, True)
+def policy_gradient(advantage: grpo.TokenAdvantage) -> Callable[..., LossFn]:
+    """A Method's objective: grpo.py's policy-gradient loss with the per-token `advantage`."""
+
+    def objective(cfg: RLConfig, n_seqs: int, n_tokens: int, n_mtp_targets: list[int], moe_layers: list[int]
+                  ) -> LossFn:
+        return grpo.grpo_objective(n_seqs, n_mtp_targets, moe_layers, cfg.eps_low, cfg.eps_high, cfg.temperature,
+                                   cfg.mtp_weight, cfg.routing_replay, advantage)
+
+    return objective
+
+
+def without_reward_variance(n_flat: int, n_groups: int, n_correct: int) -> str | None:
+    """GRPO's skip: it learns only from reward differences within a group."""
+    return f"zero reward variance: all {n_groups} groups have equal rewards, no update" if n_flat == n_groups else None
+
+
+GRPO = Method("rl", lambda rb, batch: (batch, 0), policy_gradient(grpo.outcome_advantage), lambda sums: {},
+              without_reward_variance)
 
 
 @dataclass(frozen=True)
@@ -175,6 +203,40 @@ def moe_layer_ids(model: torch.nn.Module) -> list[int]:
     return sorted(m.layer_id for m in model.modules() if isinstance(m, MoE))
 
 
+def rollout_engine(model: torch.nn.Module, tokenizer, cfg: RLConfig, world_size: int = 1) -> LLM:
+    """The engine that samples a run's rollouts from `model` (the student's copy, or a teacher's)."""
+    try:
+        return LLM(model, tokenizer=tokenizer, num_speculative_tokens=cfg.num_speculative_tokens,
+                   max_num_seqs=max(64, cfg.prompts_per_step // world_size * cfg.group_size),
+                   max_model_len=128 + cfg.max_new_tokens, max_num_batched_tokens=2048, seed=cfg.seed)
+    except ValueError as e:  # e.g. more drafts than the model has MTP heads
+        raise TrainError(f"rollout engine: {e}") from None
+
+
+def routed_rollouts(samplers: Mapping[str, LLM], tokenizer, examples: list[task_lib.Example], group_size: int,
+                    seeds: list[int], max_tokens: int, temperature: float) -> tuple[RolloutBatch, int]:
+    """`generate_rollouts` with each example sampled by its domain's engine (one call per engine, the rollouts
+    back in the examples' order), and their FLOPs by the model that sampled them. A seeded sample depends on
+    its own seed only, so how the examples split over engines does not change it."""
+    by_engine: dict[int, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_engine.setdefault(id(samplers[ex.task]), []).append(i)
+    G = group_size
+    groups: dict[int, list[Rollout]] = {}
+    seconds, engine, spent = 0.0, {}, 0
+    for idx in by_engine.values():
+        llm = samplers[examples[idx[0]].task]
+        rb = generate_rollouts(llm, tokenizer, [examples[i] for i in idx], G, [seeds[i] for i in idx], max_tokens,
+                               temperature)
+        for j, i in enumerate(idx):
+            groups[i] = rb.rollouts[j * G:(j + 1) * G]
+        seconds += rb.seconds
+        engine = {k: engine.get(k, 0) + v for k, v in rb.engine.items()}
+        spent += sum(flop_lib.rollout_flops(llm.model.config, len(r.prompt_ids), len(r.token_ids), r.num_drafted,
+                                            r.num_accepted) for r in rb.rollouts)
+    return RolloutBatch([r for i in range(len(examples)) for r in groups[i]], G, seconds, engine), spent
+
+
 def update_on_rollouts(model, opt, sched, rb: RolloutBatch, cfg: RLConfig, step: int, pad_id: int,
                        world_size: int = 1, method: Method = GRPO) -> tuple[dict[str, Any], dict[str, float] | None]:
     """Steps 3-4 of the module docstring on this rank's rollouts. Returns (global metrics, the global FLOPs
@@ -184,19 +246,21 @@ def update_on_rollouts(model, opt, sched, rb: RolloutBatch, cfg: RLConfig, step:
     rewards = rb.rewards
     adv = grpo.group_advantages(rewards, G)
     flat = parallel.all_reduce_sum(torch.tensor([int(grpo.zero_variance_groups(rewards, G).sum()),
-                                                 rewards.numel() // G], dtype=torch.float64))
-    n_flat, n_groups = int(flat[0]), int(flat[1])
+                                                 rewards.numel() // G, int((rewards >= 1).sum())],
+                                                dtype=torch.float64))
+    n_flat, n_groups, n_correct = (int(x) for x in flat)
     m: dict[str, Any] = {"zero_variance_groups": n_flat}
-    if method.skip_without_reward_variance and n_flat == n_groups:
-        m["skipped"] = f"zero reward variance: all {n_groups} groups have equal rewards, no update"
+    reason = method.skip(n_flat, n_groups, n_correct)
+    if reason is not None:
+        m["skipped"] = reason
         return m, None
-    batch, advantage, teacher_flops = method.score(rb, build_batch(rb.rollouts, adv, pad_id))
+    batch, teacher_flops = method.score(rb, build_batch(rb.rollouts, adv, pad_id))
     n_heads = model.n_mtp if cfg.mtp_weight > 0 else 0
-    counts = torch.tensor([batch.input_ids.shape[0]] + [int(batch.mask[:, k + 1:].sum()) for k in range(n_heads)],
-                          dtype=torch.float64)
+    counts = torch.tensor([batch.input_ids.shape[0], int(batch.mask.sum())]
+                          + [int(batch.mask[:, k + 1:].sum()) for k in range(n_heads)], dtype=torch.float64)
     counts = parallel.all_reduce_sum(counts)
-    loss_fn = grpo.grpo_objective(int(counts[0]), [int(c) for c in counts[1:]], moe_layer_ids(model), cfg.eps_low,
-                                  cfg.eps_high, cfg.temperature, cfg.mtp_weight, cfg.routing_replay, advantage)
+    loss_fn = method.objective(cfg, int(counts[0]), int(counts[1]), [int(c) for c in counts[2:]],
+                               moe_layer_ids(model))
     out = forward_backward(model, batch, loss_fn, world_size)
     keys = list(out.metrics)
     sums = parallel.all_reduce_sum(torch.stack([out.metrics[k] for k in keys]))
@@ -207,8 +271,8 @@ def update_on_rollouts(model, opt, sched, rb: RolloutBatch, cfg: RLConfig, step:
              entropy=s["entropy"] / tokens, masked_fraction=1.0 - s["kept"] / tokens,
              kl_sampler_trainer=s["logp_diff"] / tokens, **method.summarise(s))
     if n_heads:
-        m["mtp_loss"] = [s[f"mtp{k}"] / max(float(counts[1 + k]), 1.0) for k in range(n_heads)]
-        m["mtp_acc"] = [s[f"mtp{k}_correct"] / max(float(counts[1 + k]), 1.0) for k in range(n_heads)]
+        m["mtp_loss"] = [s[f"mtp{k}"] / max(float(counts[2 + k]), 1.0) for k in range(n_heads)]
+        m["mtp_acc"] = [s[f"mtp{k}_correct"] / max(float(counts[2 + k]), 1.0) for k in range(n_heads)]
     B, T = batch.input_ids.shape
     fwd, bwd = flop_lib.training_flops(model.config, B, T, n_heads)
     spent = parallel.all_reduce_sum(torch.tensor([fwd, bwd, teacher_flops], dtype=torch.float64)).tolist()
@@ -344,12 +408,8 @@ def run(cfg: RLConfig, resume: str | Path | None = None, stop_after: int | None 
     random.seed(cfg.seed)
 
     engine_model = copy.deepcopy(model)
-    try:
-        llm = LLM(engine_model, tokenizer=tokenizer, num_speculative_tokens=cfg.num_speculative_tokens,
-                  max_num_seqs=max(64, cfg.prompts_per_step // W * cfg.group_size),
-                  max_model_len=128 + cfg.max_new_tokens, max_num_batched_tokens=2048, seed=cfg.seed)
-    except ValueError as e:  # e.g. more drafts than the model has MTP heads
-        raise TrainError(f"rollout engine: {e}") from None
+    llm = rollout_engine(engine_model, tokenizer, cfg, W)
+    samplers = method.samplers or dict.fromkeys(cfg.domains, llm)
     model = parallel.apply_parallelism(model, W)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, foreach=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
@@ -408,10 +468,8 @@ def run(cfg: RLConfig, resume: str | Path | None = None, stop_after: int | None 
             examples = step_examples(cfg.domains, cfg.prompts_per_step, cfg.seed, step)
             lo = dist_info.rank * per_rank
             seeds = [sample_seed(cfg.seed, step, lo + i) for i in range(per_rank)]
-            rb = generate_rollouts(llm, tokenizer, examples[lo:lo + per_rank], cfg.group_size, seeds,
-                                   cfg.max_new_tokens, cfg.temperature)
-            spent = sum(flop_lib.rollout_flops(model.config, len(r.prompt_ids), len(r.token_ids), r.num_drafted,
-                                               r.num_accepted) for r in rb.rollouts)
+            rb, spent = routed_rollouts(samplers, tokenizer, examples[lo:lo + per_rank], cfg.group_size, seeds,
+                                        cfg.max_new_tokens, cfg.temperature)
             e = rb.engine
             glob = parallel.all_reduce_sum(torch.tensor(
                 [spent, rb.rewards.sum(), float((rb.rewards >= 1).sum()), rb.rewards.numel(), rb.num_tokens,

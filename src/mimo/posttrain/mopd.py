@@ -27,6 +27,14 @@ same token ids. Each teacher runs one no-grad forward over the rows of its domai
 its own routing and logits at the response rows only; the prompt mixture already interleaves domains in a
 shuffled order within every batch (rewards.step_examples). Every row carries its domain, and scoring a row
 with a teacher of another domain raises TeacherRoutingError.
+
+Teacher-SFT (`TeacherSFTConfig`, the SFT-on-teacher-samples baseline of posttraining-notes.md §9.3 (c1)) runs
+on the same loop with the same teachers, prompts, seeds and optimizer: each domain's teacher samples the G
+responses of its prompts in its own engine (as the student's rollouts are sampled), the correct ones
+(reward 1) are kept, and the student takes one update of plain SFT on them (`sft_objective`: cross-entropy
+on the response tokens, the mean over the kept tokens of the global batch; no importance ratio, no routing
+replay). A batch without a correct sample is skipped. In the ledger, "rollout" is the teachers' generation,
+rejected samples included, and "logprob" / "backward" the update over the kept rows; "teacher" stays 0.
 """
 
 from __future__ import annotations
@@ -42,12 +50,14 @@ import torch
 
 from mimo.checkpoint import CheckpointError, load_model
 from mimo.model.config import ConfigError, ModelConfig
+from mimo.train import losses
 from mimo.train.data import Batch
 from mimo.train.loop import TrainError
+from mimo.train.step import LossFn, LossOutput
 
 from . import flops as flop_lib
 from . import grpo
-from .loop import Method, RLConfig, RLConfigError, model_dir, tokenizer_digest
+from .loop import Method, RLConfig, RLConfigError, model_dir, policy_gradient, rollout_engine, tokenizer_digest
 from .loop import preset as rl_preset
 from .rewards import DOMAINS
 from .rollout import RolloutBatch
@@ -88,20 +98,21 @@ def parse_teacher(text: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class MOPDConfig(RLConfig):
-    out: str = "runs/mopd"
+class TeachersConfig(RLConfig):
+    """An RLConfig with one teacher per domain of the prompt mixture (MOPD, teacher-SFT)."""
+
     teachers: tuple[tuple[str, str], ...] = ()  # (domain, teacher directory or "self"), one per domain
-    alpha: float = 0.5  # weight of the GRPO outcome advantage; MiMo combines by default, its value unpublished
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        name = type(self).__name__
         pairs = tuple((str(d), str(s)) for d, s in self.teachers)  # JSON gives lists
         object.__setattr__(self, "teachers", pairs)
         for d, s in pairs:
             if d not in DOMAINS:
-                raise RLConfigError(f"MOPDConfig.teachers: unknown domain {d!r}; known domains: {','.join(DOMAINS)}")
+                raise RLConfigError(f"{name}.teachers: unknown domain {d!r}; known domains: {','.join(DOMAINS)}")
             if not s:
-                raise RLConfigError(f"MOPDConfig.teachers: no teacher given for {d!r}")
+                raise RLConfigError(f"{name}.teachers: no teacher given for {d!r}")
         named = [d for d, _ in pairs]
         if len(set(named)) < len(named):
             dup = next(d for d in named if named.count(d) > 1)
@@ -114,19 +125,41 @@ class MOPDConfig(RLConfig):
         if extra:
             raise RLConfigError(f"a teacher for {extra[0]!r}, which is not in the prompt mixture "
                                 f"({','.join(self.domains)})")
+
+
+@dataclass(frozen=True)
+class MOPDConfig(TeachersConfig):
+    out: str = "runs/mopd"
+    alpha: float = 0.5  # weight of the GRPO outcome advantage; MiMo combines by default, its value unpublished
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha < math.inf:
             raise RLConfigError(f"MOPDConfig.alpha must be a finite number >= 0, got {self.alpha!r}")
 
     def method(self, init: Path, tokenizer, student: ModelConfig) -> Method:
         teachers = load_teachers(self.teachers, init, student)
         special = torch.tensor(sorted(tokenizer.special_ids), dtype=torch.long)
-        advantage = token_advantage(self.alpha, self.domains)
+        # the teacher term teaches on every token, so MOPD never skips a batch
+        return Method("mopd", lambda rb, batch: score_rollouts(teachers, rb, batch, special),
+                      policy_gradient(token_advantage(self.alpha, self.domains)),
+                      lambda sums: summarise(sums, self.domains), lambda *counts: None)
 
-        def score(rb: RolloutBatch, batch: Batch) -> tuple[MOPDBatch, grpo.TokenAdvantage, int]:
-            mb, spent = score_rollouts(teachers, rb, batch, special)
-            return mb, advantage, spent
 
-        return Method("mopd", score, lambda sums: summarise(sums, self.domains), skip_without_reward_variance=False)
+@dataclass(frozen=True)
+class TeacherSFTConfig(TeachersConfig):
+    """SFT on teacher samples filtered to correct answers (posttraining-notes.md §9.3 arm c1), on the RL loop:
+    the module docstring's last section."""
+
+    out: str = "runs/teacher-sft"
+
+    def method(self, init: Path, tokenizer, student: ModelConfig) -> Method:
+        samplers = {}
+        for t in load_teachers(self.teachers, init, student):
+            samplers.update(dict.fromkeys(t.domains, rollout_engine(t.model, tokenizer, self)))
+        return Method("teacher-sft", lambda rb, batch: (correct_rows(rb, batch), 0),
+                      lambda cfg, n_seqs, n_tokens, n_mtp, moe_layers: sft_objective(n_tokens, n_mtp, cfg.mtp_weight),
+                      lambda sums: {}, without_correct_sample, samplers)
 
 
 def load_teachers(pairs: Sequence[tuple[str, str]], init: Path, student: ModelConfig) -> list[Teacher]:
@@ -142,15 +175,15 @@ def load_teachers(pairs: Sequence[tuple[str, str]], init: Path, student: ModelCo
         flag = f"--teacher {domains[0]}={source}"
         path = init if source == SELF else model_dir(source, flag)
         if tokenizer_digest(path) != want:
-            raise TrainError(f"{flag}: its tokenizer differs from the student's (--init-from {init}); MOPD "
-                             "compares log-probs of the same token ids")
+            raise TrainError(f"{flag}: its tokenizer differs from the student's (--init-from {init}); a teacher "
+                             "must share the student's token ids")
         try:
             model = load_model(path, dtype=torch.float32)
         except (CheckpointError, ConfigError, FileNotFoundError, OSError, RuntimeError) as e:
             raise TrainError(f"{flag}: cannot load {path}: {str(e).splitlines()[0]}") from None
         if model.config.vocab_size != student.vocab_size:
             raise TrainError(f"{flag}: vocabulary of {model.config.vocab_size} ids, the student's has "
-                             f"{student.vocab_size}; MOPD compares log-probs of the same token ids")
+                             f"{student.vocab_size}; a teacher must share the student's token ids")
         model.eval().requires_grad_(False)
         teachers.append(Teacher(source, tuple(domains), model))
     return teachers
@@ -242,6 +275,62 @@ def summarise(sums: dict[str, float], domains: Sequence[str]) -> dict[str, Any]:
     """Global metric sums -> `reverse_kl` (nats per distilled token) and `reverse_kl_by_domain`."""
     by_domain = {d: sums[f"rkl/{d}"] / sums[f"distilled/{d}"] for d in domains if sums[f"distilled/{d}"] > 0}
     return {"reverse_kl": sums["rkl"] / max(sums["distilled"], 1.0), "reverse_kl_by_domain": by_domain}
+
+
+# ---- teacher-SFT ----------------------------------------------------------------------------------------------
+
+def without_correct_sample(n_flat: int, n_groups: int, n_correct: int) -> str | None:
+    """Teacher-SFT's skip: it learns only from correct samples."""
+    return None if n_correct else "no correct teacher sample, no update"
+
+
+def correct_rows(rb: RolloutBatch, batch: Batch) -> Batch:
+    """The training rows of the correct samples (reward 1), cut to their longest response, with the sampler's
+    log-probs. No routed experts: they are the teacher's routing, not the student's. A rank without a
+    correct sample keeps its first row with the mask cleared, so that every rank joins the update (FSDP)."""
+    ok = rb.rewards >= 1
+    rows = ok.nonzero()[:, 0] if ok.any() else torch.tensor([0])
+    mask = batch.mask[rows] & ok[rows, None]
+    T = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else 1
+    return Batch(batch.input_ids[rows, :T], batch.labels[rows, :T], mask[:, :T],
+                 old_logprobs=batch.old_logprobs[rows, :T])
+
+
+def sft_objective(n_tokens: int, n_mtp_targets: list[int], mtp_weight: float = 0.1) -> LossFn:
+    """Plain SFT as a loss function for `mimo.train.step.forward_backward`: the cross-entropy of the rows'
+    response tokens (b.mask) divided by the `n_tokens` of the global batch, plus the MTP heads on them with
+    the trunk detached, weighted as grpo_objective weights them.
+
+        L = -(1/N) sum_i sum_t log pi_theta(y_t)  +  mtp_weight * mean_k CE_k(heads, detached)
+
+    It logs grpo_objective's sums: `pg` is the cross-entropy term (the policy-gradient loss with advantage 1,
+    no importance ratio, normalised per token), every token is `kept`, and `logp_diff` is log mu - log
+    pi_theta with mu the teacher's sampling distribution: a k1 estimate of KL(teacher sampler || student)."""
+
+    def loss_fn(model, b: Batch) -> LossOutput:
+        n_heads = len(n_mtp_targets)
+        out = model(b.input_ids, return_mtp=n_heads > 0, mtp_detached=True)
+        logits, mtp_logits = out if n_heads else (out, [])
+        logp = grpo.token_logprobs(logits, b.labels, 1.0)
+        maskf = b.mask.float()
+        ce = -(logp * maskf).sum() / max(n_tokens, 1)
+        mtp_ce = [losses.masked_ce_sum(mtp_logits[k], *losses.mtp_labels(b.labels, b.mask, k))
+                  for k in range(n_heads)]
+        loss = ce
+        if n_heads:
+            loss = loss + mtp_weight * sum(c / max(n_mtp_targets[k], 1) for k, c in enumerate(mtp_ce)) / n_heads
+        with torch.no_grad():
+            p = torch.softmax(logits.float(), -1)
+            entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+            metrics = {"objective": loss, "pg": ce, "tokens": maskf.sum(), "kept": maskf.sum(),
+                       "entropy": (entropy * maskf).sum(), "logp_diff": ((b.old_logprobs - logp) * maskf).sum()}
+            for k in range(n_heads):
+                metrics[f"mtp{k}"] = mtp_ce[k]
+                metrics[f"mtp{k}_correct"] = losses.masked_correct(mtp_logits[k],
+                                                                   *losses.mtp_labels(b.labels, b.mask, k))
+        return LossOutput(loss, metrics)
+
+    return loss_fn
 
 
 def preset(name: str, **overrides: Any) -> MOPDConfig:
