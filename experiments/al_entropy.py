@@ -7,9 +7,10 @@ Outputs: greedy, through the engine with every MTP head drafting at every step (
 report's AL is that of 3 MTP layers, not of a policy that drafts less where heads are weak). Points: the
 held-out prompts of each task (as evaluation poses them, `mimo.tasks.prompt_ids`; up to
 `mimo.tasks.MAX_NEW_TOKENS` tokens) and held-out stdlib code (48-token prefixes of validation files, 64 new
-tokens, end of text ignored), `n` prompts per domain in groups of
-`group`: one point per group, AL = 1 + accepted / verify steps over the group, H = the main model's mean
-next-token entropy (nats, temperature 1) over the positions that predicted the group's output tokens.
+tokens, end of text ignored), `n` prompts per domain in groups of `group`: one point per group (none for a
+group whose outputs all ended at their first token: no decode step), AL = 1 + accepted / verify steps over
+the group, H = the main model's mean next-token entropy (nats, temperature 1) over the positions that
+predicted the group's output tokens.
 
 Fit: log(1 - AL/4) = log a + b log H by least squares (points with AL >= 4 or H = 0 dropped); R^2 in AL.
 Writes OUT/al-entropy.json and OUT/al-entropy.png.
@@ -82,17 +83,21 @@ def measure(model_dir: str, n: int, group: int) -> dict[str, Any]:
     model = load_model(model_dir, dtype=torch.float32).eval()
     llm = LLM(model, tokenizer=tok, max_model_len=256, adaptive_drafting=False)
     corpus = load_corpus(max_bytes=2_000_000)
-    points = []
+    points, no_step = [], 0
     for domain in (*task_lib.TASKS, "code"):
         prompts, sp = domain_prompts(tok, domain, n, corpus)
         for g in range(0, n, group):
             outs = llm.generate(prompts[g:g + group], sp)
             acc = sum(o.metrics.num_accepted for o in outs)
             steps = sum(o.metrics.num_verify_steps for o in outs)
+            if not steps:  # every output ended at its first token (prefill only): no AL to measure
+                no_step += 1
+                continue
             ent = [output_entropy(model, o.prompt_token_ids, o.token_ids) for o in outs if o.token_ids]
             points.append({"domain": domain, "al": 1 + acc / steps, "entropy": sum(e for e, _ in ent) /
                            sum(c for _, c in ent), "tokens": sum(len(o.token_ids) for o in outs)})
-    return {"model": model_dir, "drafts": model.n_mtp, "points": points, "fit": fit(points)}
+    return {"model": model_dir, "drafts": model.n_mtp, "points": points, "groups_without_a_step": no_step,
+            "fit": fit(points)}
 
 
 def plot(res: dict[str, Any], path: Path) -> None:

@@ -32,7 +32,10 @@ def test_output_entropy_is_the_predicting_rows():
 
 def test_small_measurement():
     res = ale.measure(str(DEFAULT_MODEL), n=4, group=2)
-    assert [p["domain"] for p in res["points"]] == ["add"] * 2 + ["reverse"] * 2 + ["sort"] * 2 + ["code"] * 2
+    # the bundled model ends some thinking-task groups at their first token: those give no point
+    domains = [p["domain"] for p in res["points"]]
+    assert domains == sorted(domains, key=["add", "reverse", "sort", "code"].index)
+    assert domains.count("sort") == domains.count("code") == 2 and len(domains) + res["groups_without_a_step"] == 8
     for p in res["points"]:
         assert 1.0 <= p["al"] <= 1 + res["drafts"] and p["entropy"] > 0 and p["tokens"] > 0
     assert math.isfinite(res["fit"]["r2"])
