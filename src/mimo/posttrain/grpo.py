@@ -84,6 +84,23 @@ def replay_routing(batch: Batch, moe_layers: list[int]) -> RoutingRecord:
     return routing
 
 
+def mtp_term(mtp_logits: list[torch.Tensor], b: Batch, n_mtp_targets: list[int]
+             ) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
+    """The MTP heads' part of an objective over the response tokens (b.mask): the mean over heads of each
+    head's cross-entropy sum divided by its global target count, and the per-head sums / correct counts the
+    step logs (`mtp{k}`, `mtp{k}_correct`). No heads: 0.0 and no metrics."""
+    term: torch.Tensor | float = 0.0
+    metrics: dict[str, torch.Tensor] = {}
+    for k, logits in enumerate(mtp_logits):
+        labels, mask = losses.mtp_labels(b.labels, b.mask, k)
+        ce = losses.masked_ce_sum(logits, labels, mask)
+        term = term + ce / max(n_mtp_targets[k], 1) / len(mtp_logits)
+        with torch.no_grad():
+            metrics[f"mtp{k}"] = ce.detach()
+            metrics[f"mtp{k}_correct"] = losses.masked_correct(logits, labels, mask)
+    return term, metrics
+
+
 def grpo_objective(n_seqs: int, n_mtp_targets: list[int], moe_layers: list[int], eps_low: float,
                    eps_high: float, temperature: float = 1.0, mtp_weight: float = 0.1,
                    replay: bool = True, advantage: TokenAdvantage = outcome_advantage) -> LossFn:
@@ -104,11 +121,8 @@ def grpo_objective(n_seqs: int, n_mtp_targets: list[int], moe_layers: list[int],
         adv, adv_metrics = advantage(b, logp.detach())
         per_seq = (w * adv * logp).sum(1) * b.loss_weights  # [B]; w is 0 off the response, so adv is too
         pg = -per_seq.sum() / n_seqs
-        mtp_ce = [losses.masked_ce_sum(mtp_logits[k], *losses.mtp_labels(b.labels, b.mask, k))
-                  for k in range(n_heads)]
-        loss = pg
-        if n_heads:
-            loss = loss + mtp_weight * sum(ce / max(n_mtp_targets[k], 1) for k, ce in enumerate(mtp_ce)) / n_heads
+        mtp_loss, mtp_metrics = mtp_term(mtp_logits, b, n_mtp_targets)
+        loss = pg + mtp_weight * mtp_loss
         with torch.no_grad():
             p = F.softmax(logits.float() / temperature, -1)
             entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, T]
@@ -116,11 +130,7 @@ def grpo_objective(n_seqs: int, n_mtp_targets: list[int], moe_layers: list[int],
             metrics = {"objective": loss, "pg": pg, "tokens": maskf.sum(), "kept": kept.sum(),
                        "entropy": (entropy * maskf).sum(),
                        # mean of (old - new) log-prob over response tokens: a k1 estimate of KL(mu || pi_theta)
-                       "logp_diff": ((b.old_logprobs - logp) * maskf).sum(), **adv_metrics}
-            for k in range(n_heads):
-                metrics[f"mtp{k}"] = mtp_ce[k]
-                metrics[f"mtp{k}_correct"] = losses.masked_correct(mtp_logits[k],
-                                                                   *losses.mtp_labels(b.labels, b.mask, k))
+                       "logp_diff": ((b.old_logprobs - logp) * maskf).sum(), **adv_metrics, **mtp_metrics}
         return LossOutput(loss, metrics, routing.ids)
 
     return loss_fn

@@ -50,7 +50,6 @@ import torch
 
 from mimo.checkpoint import CheckpointError, load_model
 from mimo.model.config import ConfigError, ModelConfig
-from mimo.train import losses
 from mimo.train.data import Batch
 from mimo.train.loop import TrainError
 from mimo.train.step import LossFn, LossOutput
@@ -314,20 +313,14 @@ def sft_objective(n_tokens: int, n_mtp_targets: list[int], mtp_weight: float = 0
         logp = grpo.token_logprobs(logits, b.labels, 1.0)
         maskf = b.mask.float()
         ce = -(logp * maskf).sum() / max(n_tokens, 1)
-        mtp_ce = [losses.masked_ce_sum(mtp_logits[k], *losses.mtp_labels(b.labels, b.mask, k))
-                  for k in range(n_heads)]
-        loss = ce
-        if n_heads:
-            loss = loss + mtp_weight * sum(c / max(n_mtp_targets[k], 1) for k, c in enumerate(mtp_ce)) / n_heads
+        mtp_loss, mtp_metrics = grpo.mtp_term(mtp_logits, b, n_mtp_targets)
+        loss = ce + mtp_weight * mtp_loss
         with torch.no_grad():
             p = torch.softmax(logits.float(), -1)
             entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
             metrics = {"objective": loss, "pg": ce, "tokens": maskf.sum(), "kept": maskf.sum(),
-                       "entropy": (entropy * maskf).sum(), "logp_diff": ((b.old_logprobs - logp) * maskf).sum()}
-            for k in range(n_heads):
-                metrics[f"mtp{k}"] = mtp_ce[k]
-                metrics[f"mtp{k}_correct"] = losses.masked_correct(mtp_logits[k],
-                                                                   *losses.mtp_labels(b.labels, b.mask, k))
+                       "entropy": (entropy * maskf).sum(), "logp_diff": ((b.old_logprobs - logp) * maskf).sum(),
+                       **mtp_metrics}
         return LossOutput(loss, metrics)
 
     return loss_fn
