@@ -7,6 +7,12 @@ MTP drafts on and off, and their curves plotted over both stages.
     python -m experiments.teachers --start models/sft-start --teacher sort=runs/teach/sort
         [--sft sort=runs/teacher-sft/sort] ... [--export models/teachers] [--out docs/results] [--eval-n 300]
 
+A teacher may also be given as its exported model directory (`--teacher add=models/teachers/add`), for one
+whose runs were not kept: it is evaluated and timed again, and what only its runs could tell (curves, costs,
+command) is taken from that domain's entry of the previous OUT/teachers.json if that entry describes the same
+weights (the digest of model.safetensors), else reported as unknown. So the report can grow a teacher at a
+time across sessions without keeping every run directory.
+
 Curves: the own-domain greedy held-out accuracy of the start, of every SFT checkpoint (evaluated here) and at
 every GRPO evaluation (the run's own), against cumulative FLOPs (SFT: `flops.training_flops` of each step's
 padded batch, evaluations not counted; GRPO: its ledger, evaluations included) and training wall time.
@@ -20,6 +26,7 @@ median over rounds.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -69,6 +76,18 @@ def export_teacher(run_dir: Path, dest: Path, domain: str, sft_dir: Path | None 
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
+
+
+def weights_digest(model_dir: Path) -> str:
+    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
+def is_run(path: Path) -> bool:
+    try:
+        ckpt_io.find_checkpoint(path)
+    except ckpt_io.TrainCheckpointError:
+        return False
+    return True
 
 
 def evaluate(model_dir: Path, n: int) -> dict[str, dict[str, float]]:
@@ -195,7 +214,8 @@ def plot(curve: dict[str, dict[str, list[float]]], path: Path) -> None:
         ax.set_ylabel("greedy held-out accuracy (own domain)")
         ax.axhline(0.9, color="grey", lw=0.8, ls="--")
         ax.set_ylim(0, 1)
-        ax.legend()
+        if curve:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -216,6 +236,9 @@ def write_report(out: Path, start: Path, report: dict[str, Any]) -> None:
         lines.append(row(f"{d} teacher", t["accuracy"]))
     lines += ["", "Commands (`OMP_NUM_THREADS=1`, `--threads 1`; the flags that differ from `mimo rl`'s defaults):", ""]
     for d, t in report["teachers"].items():
+        if t["command"] is None:
+            lines.append(f"- {d}: its runs were not kept (how it was made: its model card)")
+            continue
         if t["sft_curve"]:
             lines.append(f"- {d}: `mimo sft --recipe teacher-sft --stage {d}`, then")
         lines.append(f"- {d}: `{t['command']}`")
@@ -227,9 +250,10 @@ def write_report(out: Path, start: Path, report: dict[str, Any]) -> None:
         own = t["accuracy"]["heldout"][d]
         after_sft = f"{s_['accuracy'][-1]:.2f}" if s_ else "-"
         sft_cost = f"{s_['step'][-1]} / {s_['flops'][-1]:.3g} / {s_['hours'][-1]:.2f}" if s_ else "-"
+        rl_cost = f"{c['step'][-1]} / {c['flops'][-1]:.3g} / {c['hours'][-1]:.2f}" if c else "-"
         lines.append(f"| {d} | {report['start']['heldout'][d]:.2f} -> {after_sft} -> {own:.2f} | "
-                     f"{'met' if own >= 0.9 else 'NOT met'} | {sft_cost} | {c['step'][-1]} / {c['flops'][-1]:.3g} / "
-                     f"{c['hours'][-1]:.2f} | {r['tok_per_s_mtp_on']:.0f} / {r['tok_per_s_mtp_off']:.0f} | "
+                     f"{'met' if own >= 0.9 else 'NOT met'} | {sft_cost} | {rl_cost} | "
+                     f"{r['tok_per_s_mtp_on']:.0f} / {r['tok_per_s_mtp_off']:.0f} | "
                      f"{r['speedup']:.2f} | {r['acceptance_length']:.2f} | {r['load_average']:.1f} |")
     lines += ["", f"![accuracy against FLOPs and wall time]({CURVES_PNG})", ""]
     (out / REPORT_MD).write_text("\n".join(lines))
@@ -251,18 +275,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out, start = Path(args.out), Path(args.start)
     out.mkdir(parents=True, exist_ok=True)
     sfts = dict(args.sft)
+    previous = json.loads((out / REPORT_JSON).read_text())["teachers"] if (out / REPORT_JSON).is_file() else {}
     report: dict[str, Any] = {"eval_n": args.eval_n, "start": evaluate(start, args.eval_n), "teachers": {}}
-    for d, run_dir in args.teacher:
-        dest = export_teacher(Path(run_dir), Path(args.export) / d, d, Path(sfts[d]) if d in sfts else None)
-        cfg = json.loads((ckpt_io.find_checkpoint(run_dir) / loop.CONFIG_FILE).read_text())
-        sft = sft_curve(Path(sfts[d]), d, args.eval_n) if d in sfts else None
-        rl = curves(Path(run_dir), d)
-        report["teachers"][d] = {"run": run_dir, "sft_run": sfts.get(d), "command": rl_command(cfg),
-                                 "accuracy": evaluate(dest, args.eval_n), "sft_curve": sft, "rl_curve": rl,
-                                 "curve": joined(report["start"]["heldout"][d], sft, rl),
-                                 "rollouts": rollout_timing(dest, d, args.preset, args.rounds)}
+    for d, source in args.teacher:
+        if is_run(Path(source)):
+            dest = export_teacher(Path(source), Path(args.export) / d, d, Path(sfts[d]) if d in sfts else None)
+            cfg = json.loads((ckpt_io.find_checkpoint(source) / loop.CONFIG_FILE).read_text())
+            sft = sft_curve(Path(sfts[d]), d, args.eval_n) if d in sfts else None
+            runs = {"run": source, "sft_run": sfts.get(d), "command": rl_command(cfg), "sft_curve": sft,
+                    "rl_curve": curves(Path(source), d)}
+        else:
+            dest = Path(source)
+            if not (dest / "model.safetensors").is_file():
+                raise SystemExit(f"--teacher {d}={source}: neither a run nor a model directory")
+            prior = previous.get(d, {})
+            same = prior.get("weights_digest") == weights_digest(dest)
+            runs = {k: prior.get(k) if same else None for k in ("run", "sft_run", "command", "sft_curve", "rl_curve")}
+        t = {**runs, "weights_digest": weights_digest(dest), "accuracy": evaluate(dest, args.eval_n),
+             "rollouts": rollout_timing(dest, d, args.preset, args.rounds)}
+        if t["rl_curve"] is not None:
+            t["curve"] = joined(report["start"]["heldout"][d], t["sft_curve"], t["rl_curve"])
+        report["teachers"][d] = t
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
-    plot({d: t["curve"] for d, t in report["teachers"].items()}, out / CURVES_PNG)
+    plot({d: t["curve"] for d, t in report["teachers"].items() if "curve" in t}, out / CURVES_PNG)
     write_report(out, start, report)
     return report
 

@@ -7,12 +7,13 @@ import json
 import torch
 from experiments import teachers as rep
 
-from mimo.checkpoint import load_model
+from mimo.checkpoint import load_model, save_model
 from mimo.cli import main
 from mimo.engine import LLM
 from mimo.engine.config import DEFAULT_MODEL
 from mimo.posttrain import loop
 from mimo.train.data import load_tokenizer
+from mimo.train.export import MODEL_FILES
 from mimo.train.loop import read_metrics
 
 
@@ -51,3 +52,21 @@ def test_report_from_a_debug_run(tmp_path):
     assert "| sort teacher |" in md and t["command"] in md and (out / rep.CURVES_PNG).stat().st_size > 1000
     card = (export / "sort" / "README.md").read_text()
     assert "from a domain SFT stage (debug stage `sort`: 2 steps on `sort` conversations" in card
+
+    # again with the exported teacher instead of its runs: what only the runs could tell comes from the
+    # previous report (same weights), the rest is measured again; other weights under the same name get none
+    again = rep.main(["--start", str(DEFAULT_MODEL), "--teacher", f"sort={export / 'sort'}", "--out", str(out),
+                      "--eval-n", "3", "--preset", "debug", "--rounds", "1"])["teachers"]["sort"]
+    for k in ("run", "sft_run", "command", "sft_curve", "rl_curve", "curve", "accuracy", "weights_digest"):
+        assert again[k] == json.loads(json.dumps(t[k])), k
+    model = load_model(export / "sort", dtype=torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1.01)
+    save_model(model, tmp_path / "other", dtype=torch.bfloat16)
+    for f in MODEL_FILES[2:]:  # the tokenizer files
+        (tmp_path / "other" / f).write_bytes((export / "sort" / f).read_bytes())
+    other = rep.main(["--start", str(DEFAULT_MODEL), "--teacher", f"sort={tmp_path / 'other'}", "--out", str(out),
+                      "--eval-n", "3", "--preset", "debug", "--rounds", "1"])["teachers"]["sort"]
+    assert other["command"] is other["rl_curve"] is other["sft_curve"] is None and "curve" not in other
+    md = (out / rep.REPORT_MD).read_text()
+    assert "| sort teacher |" in md and "its runs were not kept" in md and "| sort | " in md
