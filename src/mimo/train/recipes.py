@@ -15,6 +15,8 @@ Stages run in the order of the recipe's dict; each later stage starts from the p
   then `think`, the same SFT continued with add and reverse reasoning in the think block (`mimo.tasks.trace`):
   the starting point for RL (`models/sft-start`, docs/results/sft-start.md).
 - `teacher-sft`: one independent SFT stage per domain from `models/sft-start`, the first half of a teacher.
+- `sft-mix`: one mixed stage from the reverse domain SFT (`models/teacher-sft/reverse`): all three tasks with
+  their traces and the pretraining-mix replay again, the single SFT start that RL and MOPD begin from.
 
 Why these numbers (tiny), measured on a 2-core machine shared with four other jobs, 1 thread per process:
 - pretrain: ~900 training tokens/s, so 420 steps of 16 x 256 tokens (1.7M tokens, ~0.4 epoch of the stdlib +
@@ -102,7 +104,21 @@ def teacher_sft(out: str = "runs/teacher-sft") -> dict[str, TrainConfig]:
             for d in ("add", "reverse", "sort")}
 
 
-RECIPES = {"debug": debug, "tiny": tiny, "sft-start": sft_start, "teacher-sft": teacher_sft}
+def sft_mix(out: str = "runs/sft-mix") -> dict[str, TrainConfig]:
+    """The mixed think stage restarted from the reverse-only SFT model instead of run longer: 240 mixed steps
+    left add and reverse at pass@8 0.01 while reverse alone needed ~1,000 steps to reach greedy 0.5 (9.5 s a
+    mixed step, 3 s a domain step: docs/results/sft-start.md). reverse is the slowest to learn, so it is
+    learned first, alone; this stage then brings add and sort in (add at half the conversations: it starts
+    from nothing here) with reverse kept at a quarter, and the code replay restores the code model that the
+    domain stages did not train."""
+    think = sft_start()["think"]
+    return {"mix": think.replace(recipe="sft-mix", out=f"{out}/mix", init_from="models/teacher-sft/reverse",
+                                 steps=600, seed=3, eval_every=50, ckpt_every=50,
+                                 sft_data=dataclasses.replace(think.sft_data, task_weights=(
+                                     ("add", 0.5), ("reverse", 0.25), ("sort", 0.25))))}
+
+
+RECIPES = {"debug": debug, "tiny": tiny, "sft-start": sft_start, "teacher-sft": teacher_sft, "sft-mix": sft_mix}
 
 
 def get_recipe(name: str, out: str | Path | None = None) -> dict[str, TrainConfig]:
