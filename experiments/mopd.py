@@ -12,6 +12,8 @@ and weight-avg arms. Not yet: add and reverse (no teachers), 3 seeds. Tested on 
 Arms:
     mopd-a0         MOPD, alpha 0 (distillation alone)
     mopd-a0.5       MOPD, alpha 0.5 (plus the GRPO outcome advantage)
+    mopd-full-a0.5  mopd-a0.5 with the teacher term's expectation over the vocabulary (kl="full": the exact
+                    per-position reverse KL instead of its one-token estimate; not MiMo's)
     mix-rl          GRPO on the same prompt mixture: "RL from the student" without teachers
     wrong-teacher   MOPD alpha 0 with each domain's teacher moved to the next domain (with >= 2 distinct
                     teachers): does routing matter?
@@ -68,6 +70,7 @@ def arms(teachers: tuple[tuple[str, str], ...]) -> dict[str, dict[str, Any]]:
     (add, S), (sort, A)."""
     out = {"mopd-a0": dict(kind=MOPDConfig, teachers=teachers, alpha=0.0),
            "mopd-a0.5": dict(kind=MOPDConfig, teachers=teachers, alpha=0.5),
+           "mopd-full-a0.5": dict(kind=MOPDConfig, teachers=teachers, alpha=0.5, kl="full"),
            "mix-rl": dict(kind=loop.RLConfig)}
     sources = [s for _, s in teachers]
     if len(set(sources)) > 1:

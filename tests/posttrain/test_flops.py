@@ -98,7 +98,7 @@ def test_teacher_scoring_matches_flop_counter(model):
         mask[:, n_prompt:] = True
         batch = mopd.MOPDBatch(x, x, mask, domains=("sort",) * B)
         out: list[int] = []
-        counted = _counted(lambda: out.append(mopd.teacher_logprobs(teacher, batch)[1]))
+        counted = _counted(lambda: out.append(mopd.teacher_logprobs(teacher, batch)[2]))
         return out[0], counted
 
     ours, counted = scored(6)

@@ -114,6 +114,65 @@ def test_objective_value_gradient_and_reverse_kl():
     assert all(float(g.abs().max()) == 0.0 for g in g_zero.values())
 
 
+def test_full_kl_term_worked_example():
+    """V = 2, one distilled token of a one-token response: student [0.5, 0.5], teacher [0.9, 0.1] -> 0.511; a
+    special (not distilled) or IS-dropped token adds nothing."""
+    student = torch.log(torch.tensor([[[0.5, 0.5], [0.5, 0.5]]]))
+    teacher = torch.log(torch.tensor([[[0.9, 0.1], [0.9, 0.1]]]))
+    b = MOPDBatch(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long),
+                  torch.tensor([[True, True]]), loss_weights=torch.tensor([1.0]), teacher_logdist=teacher,
+                  distill_mask=torch.tensor([[True, False]]), domains=("add",))
+    term = mopd.full_kl_term(("add",))
+    loss, m = term(b, student, torch.tensor([[True, True]]))
+    assert float(loss) == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), abs=1e-6)
+    assert float(m["rkl"]) == pytest.approx(float(loss)) and float(m["distilled"]) == 1
+    assert float(term(b, student, torch.tensor([[False, True]]))[0]) == 0.0  # dropped by the IS mask
+
+
+def _one_token_step(model, teacher, token, kl, P=5):
+    """One row: a fixed prompt and the one-token response `token`, on-policy (IS ratio 1), alpha 0, no
+    special tokens; the student's gradient under MOPD with `kl`."""
+    prompt = torch.randint(3, model.config.vocab_size, (P,), generator=torch.Generator().manual_seed(1)).tolist()
+    r = _rollout(prompt + [token], P, "add")
+    with torch.no_grad():
+        b0 = build_batch([r], torch.zeros(1), 0)
+        r.logprobs = grpo.token_logprobs(model(b0.input_ids), b0.labels, 1.0)[b0.mask].tolist()
+    rb = RolloutBatch([r], 1)
+    batch, _ = mopd.score_rollouts([Teacher("t", ("add",), teacher)], rb, build_batch(rb.rollouts, torch.zeros(1), 0),
+                                   torch.tensor([], dtype=torch.long), full=kl == "full")
+    model.zero_grad(set_to_none=True)
+    full = kl == "full"
+    loss_fn = grpo.grpo_objective(1, [], [], 0.5, 2.0, mtp_weight=0.0, replay=False,
+                                  advantage=mopd.token_advantage(0.0, ("add",), teacher_term=not full),
+                                  extra=mopd.full_kl_term(("add",)) if full else None)
+    out = forward_backward(model, batch, loss_fn)
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, batch
+
+
+def test_full_kl_gradient_is_the_expectation_of_the_sampled_terms():
+    """kl="full" at a position = the sampled-token term averaged over every token the student could have
+    sampled there, weighted by its probability (sum_v p(v) grad log p(v) = 0); the uniform average (a broken
+    weighting) does not match. `reverse_kl` is then the exact KL."""
+    model = make_model(n_mtp_layers=0, vocab_size=48)
+    teacher = make_model(n_mtp_layers=0, vocab_size=48, seed=1)
+    out_full, g_full, batch = _one_token_step(model, teacher, 7, "full")
+    with torch.no_grad():
+        pos = batch.mask[0].nonzero()[0, 0]
+        p = torch.softmax(model(batch.input_ids)[0, pos].float(), -1)
+        q = torch.softmax(teacher(batch.input_ids)[0, pos].float(), -1)
+    assert float(out_full.metrics["rkl"]) == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-4)
+    expected = {n: torch.zeros_like(g) for n, g in g_full.items()}
+    uniform = {n: torch.zeros_like(g) for n, g in g_full.items()}
+    for v in range(model.config.vocab_size):
+        _, g, _ = _one_token_step(model, teacher, v, "sampled")
+        for n in expected:
+            expected[n] += float(p[v]) * g[n]
+            uniform[n] += g[n] / model.config.vocab_size
+    for n in g_full:
+        torch.testing.assert_close(g_full[n], expected[n], rtol=1e-3, atol=1e-7)
+    assert max(float((g_full[n] - uniform[n]).abs().max()) for n in g_full) > 1e-4
+
+
 def test_rows_are_scored_by_their_domains_teacher():
     """Domains interleaved [sort, add, add, sort]: each row's log-probs are its own domain's teacher's (one
     forward per teacher); a teacher given a row of another domain raises, as does a row without a teacher."""
@@ -200,12 +259,13 @@ def test_a_domain_without_a_teacher_is_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_debug_run_end_to_end(tmp_path, sort_teacher):
+@pytest.mark.parametrize("kl", ["sampled", "full"])
+def test_debug_run_end_to_end(tmp_path, sort_teacher, kl):
     """`mimo mopd` with a self teacher (add) and another model (sort): two steps, eval, every metric logged;
     at step 1 the self teacher is the student (reverse KL 0 up to replay noise), the other one is not; the
     ledger counts the teachers' forwards; the run moved the weights and saved its teachers in the config."""
     out = tmp_path / "run"
-    assert main(_argv(out, "--teacher", "add=self", "--teacher", f"sort={sort_teacher}")) == 0
+    assert main(_argv(out, "--teacher", "add=self", "--teacher", f"sort={sort_teacher}", "--kl", kl)) == 0
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     first = rows[0]
@@ -221,6 +281,7 @@ def test_debug_run_end_to_end(tmp_path, sort_teacher):
     ck = ckpt_io.find_checkpoint(out)
     cfg = json.loads((ck / "rl_config.json").read_text())
     assert cfg["teachers"] == [["add", "self"], ["sort", str(sort_teacher)]] and cfg["alpha"] == 0.5
+    assert cfg["kl"] == kl
     after, before = load_file(ck / "model.safetensors"), load_file(DEFAULT_MODEL / "model.safetensors")
     assert any(not torch.equal(after[k], before[k]) for k in before)
 

@@ -16,7 +16,7 @@ from tests.conftest import make_model
 from tests.posttrain.test_mopd import perturbed_teacher
 from tests.posttrain.test_rl_loop import snapshot
 
-TRAINED = {"mopd-a0", "mopd-a0.5", "mix-rl", "wrong-teacher", "teacher-sft"}
+TRAINED = {"mopd-a0", "mopd-a0.5", "mopd-full-a0.5", "mix-rl", "wrong-teacher", "teacher-sft"}
 
 
 def test_arms_resume_and_results(tmp_path):

@@ -360,6 +360,8 @@ def _mopd_args(p: argparse.ArgumentParser) -> None:
                    help="the teacher of a domain: a model, run or checkpoint directory with the student's "
                    "tokenizer, or 'self' (the starting weights); once per domain")
     p.add_argument("--alpha", type=nonnegative_float, help="weight of the GRPO outcome advantage (default 0.5)")
+    p.add_argument("--kl", choices=("sampled", "full"), help="the teacher term: at the sampled token (MiMo's, "
+                   "the default) or its expectation over the vocabulary (the exact per-position reverse KL)")
 
 
 def rl(args: argparse.Namespace) -> int:
@@ -374,8 +376,7 @@ def mopd(args: argparse.Namespace) -> int:
     kw = {"teachers": tuple(args.teacher)}
     if args.domains is None:  # the teachers' domains are the prompt mixture
         kw["domains"] = tuple(dict.fromkeys(d for d, _ in args.teacher))
-    if args.alpha is not None:
-        kw["alpha"] = args.alpha
+    kw |= {k: getattr(args, k) for k in ("alpha", "kl") if getattr(args, k) is not None}
     return _posttrain(args, "mimo mopd", MOPDConfig, kw)
 
 

@@ -33,6 +33,9 @@ from mimo.train.step import LossFn, LossOutput
 # (batch, pi_theta's log-probs of the labels [B, T], detached) -> (per-token advantages [B, T], metric sums).
 # The advantage may use the trainer's log-probs (MOPD's teacher term does); only response tokens count.
 TokenAdvantage = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# (batch, the trainer's log-distributions [B, T, V], IS-kept tokens [B, T]) -> (a loss term summed over the
+# batch's sequences (the objective divides it by B), its metric sums)
+ExtraTerm = Callable[[Batch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -103,13 +106,15 @@ def mtp_term(mtp_logits: list[torch.Tensor], b: Batch, n_mtp_targets: list[int]
 
 def grpo_objective(n_seqs: int, n_mtp_targets: list[int], moe_layers: list[int], eps_low: float,
                    eps_high: float, temperature: float = 1.0, mtp_weight: float = 0.1,
-                   replay: bool = True, advantage: TokenAdvantage = outcome_advantage) -> LossFn:
+                   replay: bool = True, advantage: TokenAdvantage = outcome_advantage,
+                   extra: ExtraTerm | None = None) -> LossFn:
     """The loss of the module docstring as a loss function for `mimo.train.step.forward_backward`.
 
     n_seqs: sequences in the global batch (B); n_mtp_targets[k]: global response tokens MTP head k predicts.
     The batch carries labels, mask (response tokens), advantages [B], old_logprobs [B, T] (the sampler's),
     loss_weights [B] (1 / |y_i|) and routed_experts [B, T, n_moe_layers, K]; `advantage` turns it and the
-    trainer's log-probs into A_it (its metric sums join the loss function's)."""
+    trainer's log-probs into A_it (its metric sums join the loss function's); `extra`, if given, adds a term
+    computed from the trainer's full log-distributions at the IS-kept tokens (MOPD's full-vocabulary KL)."""
 
     def loss_fn(model, b: Batch) -> LossOutput:
         routing = replay_routing(b, moe_layers) if replay else RoutingRecord()
@@ -123,6 +128,10 @@ def grpo_objective(n_seqs: int, n_mtp_targets: list[int], moe_layers: list[int],
         pg = -per_seq.sum() / n_seqs
         mtp_loss, mtp_metrics = mtp_term(mtp_logits, b, n_mtp_targets)
         loss = pg + mtp_weight * mtp_loss
+        if extra is not None:
+            term, extra_metrics = extra(b, F.log_softmax(logits.float() / temperature, -1), kept)
+            loss = loss + term / n_seqs
+            adv_metrics = {**adv_metrics, **extra_metrics}
         with torch.no_grad():
             p = F.softmax(logits.float() / temperature, -1)
             entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, T]

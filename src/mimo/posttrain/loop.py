@@ -90,13 +90,13 @@ class Method:
     samplers: Mapping[str, LLM] | None = None
 
 
-def policy_gradient(advantage: grpo.TokenAdvantage) -> Callable[..., LossFn]:
-    """A Method's objective: grpo.py's policy-gradient loss with the per-token `advantage`."""
+def policy_gradient(advantage: grpo.TokenAdvantage, extra: grpo.ExtraTerm | None = None) -> Callable[..., LossFn]:
+    """A Method's objective: grpo.py's policy-gradient loss with the per-token `advantage` (and `extra`)."""
 
     def objective(cfg: RLConfig, n_seqs: int, n_tokens: int, n_mtp_targets: list[int], moe_layers: list[int]
                   ) -> LossFn:
         return grpo.grpo_objective(n_seqs, n_mtp_targets, moe_layers, cfg.eps_low, cfg.eps_high, cfg.temperature,
-                                   cfg.mtp_weight, cfg.routing_replay, advantage)
+                                   cfg.mtp_weight, cfg.routing_replay, advantage, extra)
 
     return objective
 

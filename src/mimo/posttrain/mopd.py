@@ -20,6 +20,16 @@ closing <|im_end|> gets only 0.75. With teacher = student (a "self" teacher at s
 MOPD is alpha-scaled GRPO (minus GRPO's skipping of batches without reward variance: the teacher term
 teaches on every batch).
 
+`kl="full"` (not MiMo's; the "dense" variant of on-policy distillation, as in GKD) replaces that one-sample
+estimate by its expectation over the vocabulary: each teacher returns its whole log-distribution at the
+response positions, the advantage keeps only alpha * A_i, and the loss adds the exact per-position reverse KL
+
+    + (1/B) sum_i (1/|y_i|) sum_t s_t k_t KL(pi_theta(.|y_<t) || pi_d(.|y_<t))     (k_t: the IS mask's kept tokens)
+
+whose gradient at each position is the expectation over y_t ~ pi_theta of the sampled-token term's gradient
+(sum_v p(v) grad log p(v) = 0), so the objective is the same and its variance lower; `reverse_kl` is then
+the exact KL. Its cost: the teacher's [B, T, V] log-probs per batch and one more log-softmax in the loss.
+
 Teachers: `(domain, directory or "self")` pairs; "self" is the student's starting weights (`init_from`, also
 after `--resume`), MiMo's "Self" teachers. A directory used for several domains is loaded once. Teachers must
 share the student's tokenizer (tokenizer.json) and vocabulary size: the advantage compares log-probs of the
@@ -62,6 +72,7 @@ from .rewards import DOMAINS
 from .rollout import RolloutBatch
 
 SELF = "self"
+KL_MODES = ("sampled", "full")
 
 
 class TeacherRoutingError(RuntimeError):
@@ -80,6 +91,7 @@ class MOPDBatch(Batch):
     """GRPO's training rows plus what the teacher term needs."""
 
     teacher_logprobs: torch.Tensor | None = None  # [B, T] log pi_d(x)(labels) at temperature 1; 0 off the response
+    teacher_logdist: torch.Tensor | None = None  # kl="full": [B, T, V] log pi_d(x)(.) at temperature 1; 0 off it
     distill_mask: torch.Tensor | None = None  # [B, T] bool: response tokens that are not special tokens
     domains: tuple[str, ...] = ()  # each row's domain
 
@@ -130,18 +142,24 @@ class TeachersConfig(RLConfig):
 class MOPDConfig(TeachersConfig):
     out: str = "runs/mopd"
     alpha: float = 0.5  # weight of the GRPO outcome advantage; MiMo combines by default, its value unpublished
+    kl: str = "sampled"  # the teacher term: "sampled" (MiMo's, at the sampled token) or "full" (its expectation)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha < math.inf:
             raise RLConfigError(f"MOPDConfig.alpha must be a finite number >= 0, got {self.alpha!r}")
+        if self.kl not in KL_MODES:
+            raise RLConfigError(f"MOPDConfig.kl must be one of {', '.join(KL_MODES)}, got {self.kl!r}")
 
     def method(self, init: Path, tokenizer, student: ModelConfig) -> Method:
         teachers = load_teachers(self.teachers, init, student)
         special = torch.tensor(sorted(tokenizer.special_ids), dtype=torch.long)
+        full = self.kl == "full"
+        objective = (policy_gradient(token_advantage(self.alpha, self.domains, teacher_term=False),
+                                     full_kl_term(self.domains)) if full
+                     else policy_gradient(token_advantage(self.alpha, self.domains)))
         # the teacher term teaches on every token, so MOPD never skips a batch
-        return Method("mopd", lambda rb, batch: score_rollouts(teachers, rb, batch, special),
-                      policy_gradient(token_advantage(self.alpha, self.domains)),
+        return Method("mopd", lambda rb, batch: score_rollouts(teachers, rb, batch, special, full), objective,
                       lambda sums: summarise(sums, self.domains), lambda *counts: None)
 
 
@@ -188,9 +206,11 @@ def load_teachers(pairs: Sequence[tuple[str, str]], init: Path, student: ModelCo
     return teachers
 
 
-def teacher_logprobs(teacher: Teacher, batch: MOPDBatch) -> tuple[torch.Tensor, int]:
-    """(log pi_teacher(labels) at temperature 1 [B, T], 0 off the response; the forward's FLOPs). Raises
-    TeacherRoutingError if a row's domain is not one of the teacher's."""
+def teacher_logprobs(teacher: Teacher, batch: MOPDBatch, full: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(log pi_teacher(labels) at temperature 1 [B, T], 0 off the response; with `full` its whole
+    log-distribution there [B, T, V], else None; the forward's FLOPs). Raises TeacherRoutingError if a row's
+    domain is not one of the teacher's."""
     wrong = [d for d in batch.domains if d not in teacher.domains]
     if wrong or len(batch.domains) != batch.input_ids.shape[0]:
         raise TeacherRoutingError(f"teacher {teacher.source} (domains {','.join(teacher.domains)}) asked to score rows "
@@ -201,7 +221,11 @@ def teacher_logprobs(teacher: Teacher, batch: MOPDBatch) -> tuple[torch.Tensor, 
         logits = teacher.model.logits(hidden[batch.mask])  # [N, V]: response rows only
         out = torch.zeros(B, T, dtype=torch.float32)
         out[batch.mask] = grpo.token_logprobs(logits, batch.labels[batch.mask], 1.0)
-    return out, flop_lib.scoring_flops(teacher.model.config, B, T, int(batch.mask.sum()))
+        dist = None
+        if full:
+            dist = torch.zeros(B, T, logits.shape[-1], dtype=torch.float32)
+            dist[batch.mask] = torch.log_softmax(logits.float(), -1)
+    return out, dist, flop_lib.scoring_flops(teacher.model.config, B, T, int(batch.mask.sum()))
 
 
 def _rows(batch: MOPDBatch, rows: list[int]) -> MOPDBatch:
@@ -213,10 +237,13 @@ def _rows(batch: MOPDBatch, rows: list[int]) -> MOPDBatch:
                      domains=tuple(batch.domains[i] for i in rows))
 
 
-def score_batch(teachers: Iterable[Teacher], batch: MOPDBatch) -> tuple[torch.Tensor, int]:
-    """(teacher log-probs [B, T] with each row scored by its domain's teacher, their FLOPs): one forward
-    per teacher over its rows. TeacherRoutingError if a row's domain has no teacher."""
+def score_batch(teachers: Iterable[Teacher], batch: MOPDBatch, full: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(teacher log-probs [B, T] with each row scored by its domain's teacher, with `full` their
+    log-distributions [B, T, V] (else None), their FLOPs): one forward per teacher over its rows.
+    TeacherRoutingError if a row's domain has no teacher."""
     out = torch.zeros(batch.labels.shape, dtype=torch.float32)
+    dist = None
     scored = [False] * len(batch.domains)
     spent = 0
     for t in teachers:
@@ -224,14 +251,18 @@ def score_batch(teachers: Iterable[Teacher], batch: MOPDBatch) -> tuple[torch.Te
         if not rows:
             continue
         sub = _rows(batch, rows)
-        lp, f = teacher_logprobs(t, sub)
+        lp, ld, f = teacher_logprobs(t, sub, full)
         out[rows, :lp.shape[1]] = lp
+        if full:
+            if dist is None:
+                dist = torch.zeros(*batch.labels.shape, ld.shape[-1], dtype=torch.float32)
+            dist[rows, :ld.shape[1]] = ld
         spent += f
         for i in rows:
             scored[i] = True
     if not all(scored):
         raise TeacherRoutingError(f"no teacher for domain {batch.domains[scored.index(False)]!r}")
-    return out, spent
+    return out, dist, spent
 
 
 def mopd_advantages(teacher_logp: torch.Tensor, student_logp: torch.Tensor, distill_mask: torch.Tensor,
@@ -243,30 +274,52 @@ def mopd_advantages(teacher_logp: torch.Tensor, student_logp: torch.Tensor, dist
     return teacher_term + alpha * outcome[:, None]
 
 
-def token_advantage(alpha: float, domains: Sequence[str]) -> grpo.TokenAdvantage:
-    """MOPD's advantage for grpo_objective, with the sums behind `reverse_kl` (overall and per domain)."""
+def token_advantage(alpha: float, domains: Sequence[str], teacher_term: bool = True) -> grpo.TokenAdvantage:
+    """MOPD's advantage for grpo_objective, with the sums behind `reverse_kl` (overall and per domain);
+    without `teacher_term` only alpha * A_i (kl="full": the teacher term is full_kl_term's)."""
 
     def advantage(b: MOPDBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        zero = torch.zeros_like(logp)
-        rkl = torch.where(b.distill_mask, logp - b.teacher_logprobs, zero)  # k1 of KL(pi_theta || pi_d) per token
-        n = b.distill_mask.float()
-        metrics = {"rkl": rkl.sum(), "distilled": n.sum()}
-        for d in domains:  # every domain, so every rank reduces the same keys
-            rows = torch.tensor([x == d for x in b.domains])
-            metrics[f"rkl/{d}"], metrics[f"distilled/{d}"] = rkl[rows].sum(), n[rows].sum()
-        return mopd_advantages(b.teacher_logprobs, logp, b.distill_mask, b.advantages, alpha), metrics
+        if not teacher_term:
+            return alpha * b.advantages[:, None].expand_as(logp), {}
+        rkl = torch.where(b.distill_mask, logp - b.teacher_logprobs, torch.zeros_like(logp))  # k1 per token
+        return (mopd_advantages(b.teacher_logprobs, logp, b.distill_mask, b.advantages, alpha),
+                _kl_sums(rkl, b, domains))
 
     return advantage
 
 
-def score_rollouts(teachers: list[Teacher], rb: RolloutBatch, batch: Batch, special: torch.Tensor
-                   ) -> tuple[MOPDBatch, int]:
-    """The rows with their domains, distilled tokens (response tokens not in `special`) and teacher log-probs,
-    and the teachers' FLOPs."""
+def _kl_sums(rkl: torch.Tensor, b: MOPDBatch, domains: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The sums behind `reverse_kl` from per-token KL values [B, T] (0 off the distilled tokens)."""
+    n = b.distill_mask.float()
+    metrics = {"rkl": rkl.sum(), "distilled": n.sum()}
+    for d in domains:  # every domain, so every rank reduces the same keys
+        rows = torch.tensor([x == d for x in b.domains])
+        metrics[f"rkl/{d}"], metrics[f"distilled/{d}"] = rkl[rows].sum(), n[rows].sum()
+    return metrics
+
+
+def full_kl_term(domains: Sequence[str]) -> grpo.ExtraTerm:
+    """kl="full"'s loss term (module docstring): sum_i (1/|y_i|) sum_t s_t k_t KL_t from the trainer's
+    log-distributions [B, T, V]. Example, V = 2, one distilled token, student [0.5, 0.5], teacher [0.9, 0.1],
+    |y| = 1: 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1) = 0.511."""
+
+    def term(b: MOPDBatch, logdist: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        kl = (logdist.exp() * (logdist - b.teacher_logdist)).sum(-1)  # [B, T]
+        on = b.distill_mask & kept
+        loss = (torch.where(on, kl, torch.zeros_like(kl)).sum(1) * b.loss_weights).sum()
+        return loss, _kl_sums(torch.where(b.distill_mask, kl.detach(), torch.zeros_like(kl)), b, domains)
+
+    return term
+
+
+def score_rollouts(teachers: list[Teacher], rb: RolloutBatch, batch: Batch, special: torch.Tensor,
+                   full: bool = False) -> tuple[MOPDBatch, int]:
+    """The rows with their domains, distilled tokens (response tokens not in `special`) and teacher log-probs
+    (with `full`, log-distributions too), and the teachers' FLOPs."""
     mb = MOPDBatch(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(Batch)},
                    domains=tuple(r.example.task for r in rb.rollouts))
     mb.distill_mask = batch.mask & ~torch.isin(batch.labels, special)
-    mb.teacher_logprobs, spent = score_batch(teachers, mb)
+    mb.teacher_logprobs, mb.teacher_logdist, spent = score_batch(teachers, mb, full)
     return mb, spent
 
 
