@@ -118,7 +118,7 @@ def sft_mix(out: str = "runs/sft-mix") -> dict[str, TrainConfig]:
     # step 300 of mix: reverse 0.67, sort 0.55, code validation 3.00, but add still 0.00 greedy (the add-only
     # runs needed ~45k add conversations to reach 0.24; mix gives ~19k): more add, a lower LR peak so that
     # reverse and sort dip less at the re-warm (reverse fell 0.90 -> 0.42 in mix's first 50 steps)
-    mix2 = mix.replace(out=f"{out}/mix2", init_from=f"{out}/mix", steps=500, seed=4, lr=4e-4, min_lr=4e-5,
+    mix2 = mix.replace(out=f"{out}/mix2", init_from=f"{out}/mix", steps=400, seed=4, lr=4e-4, min_lr=4e-5,
                        sft_data=dataclasses.replace(mix.sft_data, task_weights=(
                            ("add", 0.7), ("reverse", 0.15), ("sort", 0.15))))
     return {"mix": mix, "mix2": mix2}
