@@ -15,8 +15,9 @@ Stages run in the order of the recipe's dict; each later stage starts from the p
   then `think`, the same SFT continued with add and reverse reasoning in the think block (`mimo.tasks.trace`):
   the starting point for RL (`models/sft-start`, docs/results/sft-start.md).
 - `teacher-sft`: one independent SFT stage per domain from `models/sft-start`, the first half of a teacher.
-- `sft-mix`: one mixed stage from the reverse domain SFT (`models/teacher-sft/reverse`): all three tasks with
-  their traces and the pretraining-mix replay again, the single SFT start that RL and MOPD begin from.
+- `sft-mix`: mixed stages from the reverse domain SFT (`models/teacher-sft/reverse`): all three tasks with
+  their traces and the pretraining-mix replay again, `mix` then two add-heavy stages; its result is
+  `models/sft-mix`, the single SFT start that RL and MOPD begin from.
 
 Why these numbers (tiny), measured on a 2-core machine shared with four other jobs, 1 thread per process:
 - pretrain: ~900 training tokens/s, so 420 steps of 16 x 256 tokens (1.7M tokens, ~0.4 epoch of the stdlib +
