@@ -1,9 +1,10 @@
 """The MOPD experiment (posttraining-notes.md §9.3 stage S3, §9.4): arms trained from one student with the same
 prompts, seeds and steps; every run resumable; the results file written by code from the runs' metrics.
 
-Run so far on the sort domain only (the one teacher that exists, models/teachers/sort): 2 seeds x 30 steps
-at the default LR, and an LR probe (docs/results/mopd.md, docs/results/mopd-lr*/), without the teacher-sft
-and weight-avg arms. Not yet: add and reverse (no teachers), 3 seeds. Tested on debug checkpoints
+Run so far on the sort domain only (session 2, from models/sft-start): 3 seeds x 30 steps at the default LR,
+and an LR probe (docs/results/mopd.md, docs/results/mopd-lr*/), without the teacher-sft and weight-avg arms.
+All three teachers and the three-task start (models/sft-mix) now exist; with them only single `mimo mopd`
+probes have run (docs/results/mopd-probes.md), not this experiment. Tested on debug checkpoints
 (tests/posttrain/test_mopd_experiment.py).
 
     python -m experiments.mopd --student DIR --teacher add=DIR --teacher sort=DIR [--teacher reverse=self]
