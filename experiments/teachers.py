@@ -283,15 +283,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cfg = json.loads((ckpt_io.find_checkpoint(source) / loop.CONFIG_FILE).read_text())
             sft = sft_curve(Path(sfts[d]), d, args.eval_n) if d in sfts else None
             runs = {"run": source, "sft_run": sfts.get(d), "command": rl_command(cfg), "sft_curve": sft,
-                    "rl_curve": curves(Path(source), d)}
+                    "rl_curve": curves(Path(source), d), "weights_digest": weights_digest(dest)}
         else:
             dest = Path(source)
             if not (dest / "model.safetensors").is_file():
                 raise SystemExit(f"--teacher {d}={source}: neither a run nor a model directory")
-            prior = previous.get(d, {})
-            same = prior.get("weights_digest") == weights_digest(dest)
+            digest, prior = weights_digest(dest), previous.get(d, {})
+            same = prior.get("weights_digest") == digest
             runs = {k: prior.get(k) if same else None for k in ("run", "sft_run", "command", "sft_curve", "rl_curve")}
-        t = {**runs, "weights_digest": weights_digest(dest), "accuracy": evaluate(dest, args.eval_n),
+            runs["weights_digest"] = digest
+        t = {**runs, "accuracy": evaluate(dest, args.eval_n),
              "rollouts": rollout_timing(dest, d, args.preset, args.rounds)}
         if t["rl_curve"] is not None:
             t["curve"] = joined(report["start"]["heldout"][d], t["sft_curve"], t["rl_curve"])

@@ -121,7 +121,9 @@ def grpo_objective(n_seqs: int, n_mtp_targets: list[int], moe_layers: list[int],
         n_heads = len(n_mtp_targets)
         out = model(b.input_ids, return_mtp=n_heads > 0, routing=routing, mtp_detached=True)
         logits, mtp_logits = out if n_heads else (out, [])
-        logp = token_logprobs(logits, b.labels, temperature)
+        # one log-softmax [B, T, V] serves the labels' log-probs (as token_logprobs), the extra term and entropy
+        logdist = F.log_softmax(logits.float() / temperature, dim=-1)
+        logp = logdist.gather(-1, b.labels.unsqueeze(-1)).squeeze(-1)
         w, kept = is_weights(logp, b.old_logprobs, b.mask, eps_low, eps_high)
         adv, adv_metrics = advantage(b, logp.detach())
         per_seq = (w * adv * logp).sum(1) * b.loss_weights  # [B]; w is 0 off the response, so adv is too
@@ -129,12 +131,11 @@ def grpo_objective(n_seqs: int, n_mtp_targets: list[int], moe_layers: list[int],
         mtp_loss, mtp_metrics = mtp_term(mtp_logits, b, n_mtp_targets)
         loss = pg + mtp_weight * mtp_loss
         if extra is not None:
-            term, extra_metrics = extra(b, F.log_softmax(logits.float() / temperature, -1), kept)
+            term, extra_metrics = extra(b, logdist, kept)
             loss = loss + term / n_seqs
             adv_metrics = {**adv_metrics, **extra_metrics}
         with torch.no_grad():
-            p = F.softmax(logits.float() / temperature, -1)
-            entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, T]
+            entropy = -(logdist.exp() * logdist).sum(-1)  # [B, T]
             maskf = b.mask.float()
             metrics = {"objective": loss, "pg": pg, "tokens": maskf.sum(), "kept": kept.sum(),
                        "entropy": (entropy * maskf).sum(),
