@@ -1,14 +1,13 @@
 """The MOPD experiment (posttraining-notes.md §9.3 stage S3, §9.4): arms trained from one student with the same
 prompts, seeds and steps; every run resumable; the results file written by code from the runs' metrics.
 
-Run so far on the sort domain only (session 2, from models/sft-start): 3 seeds x 30 steps at the default LR,
-and an LR probe (docs/results/mopd.md, docs/results/mopd-lr*/), without the teacher-sft and weight-avg arms.
-All three teachers and the three-task start (models/sft-mix) now exist; with them only single `mimo mopd`
-probes have run (docs/results/mopd-probes.md), not this experiment. Tested on debug checkpoints
-(tests/posttrain/test_mopd_experiment.py).
+Run in session 2 on the sort domain only (from the session-2 start): 3 seeds x 30 steps at the default LR, and
+an LR probe (docs/results/mopd-lr*/); single `mimo mopd` probes with three teachers: docs/results/mopd-probes.md.
+Tested on debug checkpoints (tests/posttrain/test_mopd_experiment.py).
 
     python -m experiments.mopd --student DIR --teacher add=DIR --teacher sort=DIR [--teacher reverse=self]
-        --out runs/mopd-exp [--preset default] [--seeds 0,1,2] [--steps N] [--eval-n N]
+        --out runs/mopd-exp [--preset default] [--seeds 0,1,2] [--steps N] [--eval-n N] [--lr LR]
+        [--arms A,B] [--teacher-costs docs/results/teachers.json] [--docs docs/results]
 
 Arms:
     mopd-a0         MOPD, alpha 0 (distillation alone)
@@ -33,7 +32,10 @@ Results (OUT/results.json, OUT/results.md), per arm (mean over seeds, and per se
     at_budget       accuracy per domain at the last evaluation within the smallest final FLOPs of any trained
                     run (weight-avg trains nothing and sets no budget): the arms compared at equal compute
                     (MOPD pays for its teachers' forwards, teacher-sft for their generation)
-    flops_to_95     FLOPs at the first evaluation reaching 95% of every teacher's accuracy (None: never)
+    flops_to_95     FLOPs at the first evaluation reaching 95% of every teacher's accuracy (None: never); with
+                    --teacher-costs also end to end (the teachers' SFT and GRPO runs added for every arm but
+                    mix-rl), and each MOPD arm's ratio to mix-rl's
+    ood             the final weights' greedy accuracy on the OOD split (cached in RUN/ood.json)
     flops           total and by ledger entry
 """
 
@@ -62,7 +64,7 @@ from mimo.train.data import load_tokenizer
 from mimo.train.loop import TrainError, read_metrics
 
 RESULTS_JSON, RESULTS_MD, CURVES_PNG = "results.json", "results.md", "curves.png"
-TEACHERS_JSON, START_JSON = "teachers.json", "start.json"
+TEACHERS_JSON, START_JSON, OOD_JSON = "teachers.json", "start.json", "ood.json"
 WEIGHT_AVG = "weight-avg"  # the arm's kind: a merged model evaluated, nothing trained
 
 
@@ -175,6 +177,37 @@ def model_accuracy(out: Path, base: dict[str, Any], sources: tuple[tuple[str, st
     return {str(s): acc[str(s)] for s in seeds}
 
 
+def final_ood_accuracy(run_dir: Path, arm_spec: dict[str, Any], base: dict[str, Any], seed: int
+                       ) -> dict[str, float]:
+    """Greedy accuracy of a run's final weights on the OOD split (longer inputs; the seed's prompts), by the runs'
+    evaluation settings; cached in RUN/ood.json (a finished run's weights do not change)."""
+    cache = run_dir / OOD_JSON
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    cfg = eval_config(base)
+    tok = load_tokenizer(loop.model_dir(base["student"], "--student"))
+    model = (average_weights(arm_spec["teachers"], base["student"]) if arm_spec["kind"] == WEIGHT_AVG
+             else load_model(loop.model_dir(run_dir, "--resume"), dtype=torch.float32))
+    acc = loop.greedy_accuracy(eval_engine(model, tok, cfg), tok, base["domains"], cfg.eval_n, seed,
+                               cfg.max_new_tokens, split="ood")[0]
+    cache.write_text(json.dumps(acc) + "\n")
+    return acc
+
+
+def teacher_building_flops(report: Path, domains: Sequence[str]) -> float | None:
+    """What building the teachers cost (their SFT and GRPO runs' final ledger totals), from
+    experiments/teachers.py's teachers.json; None if a domain's teacher or either of its curves is missing."""
+    teachers = json.loads(report.read_text())["teachers"]
+    total = 0.0
+    for d in domains:
+        t = teachers.get(d) or {}
+        curves = [t.get("sft_curve"), t.get("rl_curve")]
+        if not all(c and c["flops"] for c in curves):
+            return None
+        total += sum(c["flops"][-1] for c in curves)
+    return total
+
+
 def summarise_run(rows: list[dict[str, Any]], teacher_acc: dict[str, float], budget: float) -> dict[str, Any]:
     evals = [r for r in rows if "eval_accuracy" in r]
     final = evals[-1]["eval_accuracy"]
@@ -230,10 +263,33 @@ def plot_curves(rows: dict[str, list[list[dict[str, Any]]]], teacher_acc: dict[s
     plt.close(fig)
 
 
+def compute_ratios(arms_mean: dict[str, dict[str, Any]], key: str) -> list[str]:
+    """Lines comparing each MOPD arm's FLOPs to 95% of every teacher (`key`: stage 3 only or end to end) with
+    mix-rl's. Example: MOPD 2e12, mix-rl never within its 9e12 -> "mix-rl did not reach it within 4.5x"."""
+    rl = arms_mean.get("mix-rl")
+    lines = []
+    for arm, m in arms_mean.items():
+        if not arm.startswith("mopd") or rl is None:
+            continue
+        ours, theirs = m[key], rl[key]
+        if ours is None:
+            lines.append(f"- {arm}: did not reach 0.95 of every teacher within its {m['flops']:.3g} FLOPs")
+        elif theirs is not None:
+            lines.append(f"- {arm}: {ours:.3g} FLOPs, mix-rl {theirs:.3g}: ratio {ours / theirs:.3g}")
+        else:
+            lines.append(f"- {arm}: {ours:.3g} FLOPs; mix-rl did not reach it within its {rl['flops']:.3g} "
+                         f"FLOPs ({rl['flops'] / ours:.3g}x MOPD's)")
+    return lines
+
+
 def write_results(out: Path, run_dirs: dict[str, list[Path]], teacher_acc: dict[str, dict[str, float]],
-                  docs: Path | None = None, start_acc: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+                  docs: Path | None = None, start_acc: dict[str, dict[str, float]] | None = None,
+                  ood: dict[str, list[dict[str, float]]] | None = None, teacher_flops: float | None = None
+                  ) -> dict[str, Any]:
     """results.json, results.md and curves.png from the runs' metrics (run_dirs[arm][i] is seed
-    list(teacher_acc)[i]); with `docs`, also DOCS/mopd.md and DOCS/mopd-curves.png."""
+    list(teacher_acc)[i]); ood[arm][i]: that run's final OOD accuracy; teacher_flops: what building the
+    teachers cost, added to every arm that uses them for the end-to-end figures. With `docs`, also DOCS/mopd.md
+    and DOCS/mopd-curves.png."""
     seeds = list(teacher_acc)
     rows = {arm: [read_metrics(d) for d in dirs] for arm, dirs in run_dirs.items()}
     every = [r for runs in rows.values() for r in runs]
@@ -241,9 +297,18 @@ def write_results(out: Path, run_dirs: dict[str, list[Path]], teacher_acc: dict[
     budget = min(r[-1]["flops"] for r in [r for r in every if r[-1]["step"] > 0] or every)
     per_seed = {arm: [summarise_run(r, teacher_acc[s], budget) for r, s in zip(runs, seeds)]
                 for arm, runs in rows.items()}
-    keys = ("accuracy", "recovery_mean", "recovery_min", "at_budget", "flops_to_95", "flops")
+    for arm, runs in per_seed.items():
+        for i, r in enumerate(runs):
+            r["ood"] = ood[arm][i] if ood else None
+            # mix-rl builds no teachers; every other arm needs them first
+            extra = 0.0 if arm == "mix-rl" else teacher_flops
+            r["flops_to_95_end_to_end"] = (None if r["flops_to_95"] is None or extra is None
+                                           else r["flops_to_95"] + extra)
+    keys = ("accuracy", "recovery_mean", "recovery_min", "at_budget", "flops_to_95", "flops_to_95_end_to_end",
+            "flops", "ood")
     mean_teacher = _mean(list(teacher_acc.values()))
     results = {"teacher_accuracy": teacher_acc, "start_accuracy": start_acc, "flop_budget": budget,
+               "teacher_building_flops": teacher_flops,
                "arms": {arm: {"mean": {k: _mean([s[k] for s in runs]) for k in keys}, "seeds": runs}
                         for arm, runs in per_seed.items()}}
     (out / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n")
@@ -282,6 +347,16 @@ def write_results(out: Path, run_dirs: dict[str, list[Path]], teacher_acc: dict[
                      + f" | {fmt(m['recovery_mean'])} | {fmt(m['recovery_min'])} | "
                      + " | ".join(fmt(at.get(d)) for d in domains)
                      + f" | {fmt(m['flops_to_95'])} | {fmt(m['flops'])} |")
+    means = {arm: r["mean"] for arm, r in results["arms"].items()}
+    if ood:
+        lines += ["", "OOD split (longer inputs), final weights, mean over seeds:", "",
+                  "| arm | " + " | ".join(f"OOD {d}" for d in domains) + " |", "|" + "---|" * (len(domains) + 1)]
+        lines += [f"| {arm} | " + " | ".join(fmt(m["ood"][d]) for d in domains) + " |" for arm, m in means.items()]
+    lines += ["", "FLOPs to 0.95 of every teacher, MOPD against mix-rl (mean over seeds; None if a seed never got "
+              "there), stage 3 only:", ""] + compute_ratios(means, "flops_to_95")
+    lines += ["", "end to end (building the teachers included: "
+              + (f"{teacher_flops:.3g} FLOPs" if teacher_flops is not None else "cost unknown") + "):", ""]
+    lines += compute_ratios(means, "flops_to_95_end_to_end")
     plot_curves(rows, teacher_acc, out / CURVES_PNG)
     (out / RESULTS_MD).write_text("\n".join(lines + ["", f"![accuracy against FLOPs]({CURVES_PNG})"]) + "\n")
     if docs is not None:
@@ -305,6 +380,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--docs", help="also write DOCS/mopd.md and DOCS/mopd-curves.png (e.g. docs/results)")
     p.add_argument("--eval-n", type=int, help="held-out prompts per domain of every evaluation (default: the "
                    "preset's)")
+    p.add_argument("--teacher-costs", help="experiments/teachers.py's teachers.json: what building the teachers "
+                   "cost, for the end-to-end figures (e.g. docs/results/teachers.json)")
     args = p.parse_args(argv)
     teachers = tuple(args.teacher)
     base = {"student": args.student, "preset": args.preset, "steps": args.steps, "eval_n": args.eval_n, "lr": args.lr,
@@ -320,7 +397,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher_acc = model_accuracy(out, base, teachers, seeds)
     start_acc = model_accuracy(out, base, tuple((d, SELF) for d, _ in teachers), seeds, START_JSON)
     run_dirs = {arm: [run_arm(out, arm, s, spec, base) for s in seeds] for arm, spec in chosen.items()}
-    return write_results(out, run_dirs, teacher_acc, Path(args.docs) if args.docs else None, start_acc)
+    ood = {arm: [final_ood_accuracy(d, chosen[arm], base, s) for d, s in zip(dirs, seeds)]
+           for arm, dirs in run_dirs.items()}
+    teacher_flops = teacher_building_flops(Path(args.teacher_costs), base["domains"]) if args.teacher_costs else None
+    return write_results(out, run_dirs, teacher_acc, Path(args.docs) if args.docs else None, start_acc, ood,
+                         teacher_flops)
 
 
 if __name__ == "__main__":

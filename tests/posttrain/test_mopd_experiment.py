@@ -22,8 +22,12 @@ TRAINED = {"mopd-a0", "mopd-a0.5", "mopd-full-a0.5", "mix-rl", "wrong-teacher", 
 def test_arms_resume_and_results(tmp_path):
     teacher = perturbed_teacher(tmp_path / "sort-teacher")
     out = tmp_path / "exp"
+    costs = tmp_path / "teachers.json"  # experiments/teachers.py's report, curves only
+    costs.write_text(json.dumps({"teachers": {d: {"sft_curve": {"flops": [1e9, 3e9]}, "rl_curve": {"flops": [2e9]}}
+                                              for d in ("add", "sort")}}))
     argv = ["--student", str(DEFAULT_MODEL), "--teacher", "add=self", "--teacher", f"sort={teacher}", "--out",
-            str(out), "--preset", "debug", "--seeds", "0", "--docs", str(tmp_path / "docs")]
+            str(out), "--preset", "debug", "--seeds", "0", "--docs", str(tmp_path / "docs"),
+            "--teacher-costs", str(costs)]
     teachers = (("add", "self"), ("sort", str(teacher)))
     spec = exp.arms(teachers)
     assert spec["wrong-teacher"]["teachers"] == (("add", str(teacher)), ("sort", "self"))
@@ -54,7 +58,15 @@ def test_arms_resume_and_results(tmp_path):
     assert set(results["teacher_accuracy"]["0"]) == {"add", "sort"}
     # add's teacher is "self": the student's own start, evaluated on the same prompts
     assert results["start_accuracy"]["0"]["add"] == results["teacher_accuracy"]["0"]["add"]
+    assert results["teacher_building_flops"] == 10e9  # (3e9 + 2e9) per teacher
+    for arm, a in results["arms"].items():
+        seed0 = a["seeds"][0]
+        assert set(seed0["ood"]) == {"add", "sort"}
+        assert json.loads((out / arm / "seed0" / exp.OOD_JSON).read_text()) == seed0["ood"]
+        if seed0["flops_to_95"] is not None:
+            assert seed0["flops_to_95_end_to_end"] == seed0["flops_to_95"] + (0 if arm == "mix-rl" else 10e9)
     table = (out / exp.RESULTS_MD).read_text()
+    assert "| OOD add | OOD sort |" in table and "end to end (building the teachers included: 1e+10 FLOPs)" in table
     assert all(f"| {arm} |" in table for arm in results["arms"]) and "| start (the student before training) |" in table
     assert (tmp_path / "docs" / "mopd.md").read_text().replace("mopd-curves.png", exp.CURVES_PNG) == table
     assert (tmp_path / "docs" / "mopd-curves.png").read_bytes() == (out / exp.CURVES_PNG).read_bytes()
@@ -90,3 +102,15 @@ def test_weight_avg_is_the_teachers_mean(tmp_path):
         shutil.copy(DEFAULT_MODEL / f, other / f)
     with pytest.raises(TrainError, match="--teacher sort=.*another architecture"):
         exp.average_weights((("add", "self"), ("sort", str(other))), str(DEFAULT_MODEL))
+
+
+def test_compute_ratios_states_each_outcome():
+    """Both reached: the ratio; only MOPD: mix-rl's whole budget as a multiple of MOPD's; MOPD never: said so."""
+    means = {"mopd-a0": {"k": 2e12, "flops": 4e12}, "mopd-a0.5": {"k": None, "flops": 4e12},
+             "mix-rl": {"k": 8e12, "flops": 9e12}, "teacher-sft": {"k": 1e12, "flops": 2e12}}
+    assert exp.compute_ratios(means, "k") == [
+        "- mopd-a0: 2e+12 FLOPs, mix-rl 8e+12: ratio 0.25",
+        "- mopd-a0.5: did not reach 0.95 of every teacher within its 4e+12 FLOPs"]
+    means["mix-rl"]["k"] = None
+    assert exp.compute_ratios(means, "k")[0] == ("- mopd-a0: 2e+12 FLOPs; mix-rl did not reach it within its "
+                                                 "9e+12 FLOPs (4.5x MOPD's)")

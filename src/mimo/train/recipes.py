@@ -12,12 +12,11 @@ Stages run in the order of the recipe's dict; each later stage starts from the p
 - `tiny`: the shipped default model `models/mimo-tiny` (the `tiny` preset, ~10M parameters); the whole
   recipe is budgeted for about an hour on a shared 2-core CPU (measured: see models/mimo-tiny/README.md).
 - `sft-start`: `tiny`'s pretrain and mtp stages, then a longer task SFT that keeps the pretrained code model,
-  then `think`, the same SFT continued with add and reverse reasoning in the think block (`mimo.tasks.trace`):
-  the starting point for RL (`models/sft-start`, docs/results/sft-start.md).
+  `think` (the same SFT continued with add and reverse reasoning in the think block, `mimo.tasks.trace`), four
+  reverse-only stages (reverse is the slowest to learn), then three mixed stages that bring add and sort back
+  with the code replay: its result is `models/sft-start`, the single SFT start that RL and MOPD begin from
+  (docs/results/sft-start.md).
 - `teacher-sft`: one independent SFT stage per domain from `models/sft-start`, the first half of a teacher.
-- `sft-mix`: mixed stages from the reverse domain SFT (`models/teacher-sft/reverse`): all three tasks with
-  their traces and the pretraining-mix replay again, `mix` then two add-heavy stages; its result is
-  `models/sft-mix`, the single SFT start that RL and MOPD begin from.
 
 Why these numbers (tiny), measured on a 2-core machine shared with four other jobs, 1 thread per process:
 - pretrain: ~900 training tokens/s, so 420 steps of 16 x 256 tokens (1.7M tokens, ~0.4 epoch of the stdlib +
@@ -91,7 +90,31 @@ def sft_start(out: str = "runs/sft-start") -> dict[str, TrainConfig]:
     think = sft.replace(out=f"{out}/think", init_from=f"{out}/sft", steps=240, lr=6e-4, min_lr=6e-5, seed=1,
                         eval_every=40, ckpt_every=40,
                         sft_data=dataclasses.replace(sft.sft_data, reasoning=True))
-    return {"pretrain": pre, "mtp": mtp, "sft": sft, "think": think}
+    # 240 mixed think steps left add and reverse at pass@8 0.01 while reverse alone needed ~1,000 steps to reach
+    # greedy 0.5 (9.5 s a mixed step, 3 s a domain step): reverse is learned first, alone, in four runs, each
+    # re-warming the LR to 6e-4 (as run; reverse4 started from reverse3's bf16 export, the same within 0.02)
+    stages = {"pretrain": pre, "mtp": mtp, "sft": sft, "think": think}
+    prev = "think"
+    for i, steps in enumerate((300, 400, 400, 400), 1):
+        name = "reverse" if i == 1 else f"reverse{i}"
+        stages[name] = think.replace(out=f"{out}/{name}", init_from=f"{out}/{prev}", tasks=("reverse",),
+                                     steps=steps, code_fraction=0.0, seed=2, ckpt_every=50, eval_every=50,
+                                     keep_checkpoints=6, sft_data=SFTData(spell_answers=True, reasoning=True))
+        prev = name
+    # then add and sort come in (add at half the conversations: it starts from nothing here) with reverse kept
+    # at a quarter, and the code replay restores the code model that the reverse stages did not train
+    mix = think.replace(out=f"{out}/mix", init_from=f"{out}/{prev}", steps=600, seed=3, eval_every=50,
+                        ckpt_every=50, sft_data=dataclasses.replace(
+                            think.sft_data, task_weights=(("add", 0.5), ("reverse", 0.25), ("sort", 0.25))))
+    # step 300 of mix: reverse 0.67, sort 0.55, code validation 3.00, but add still 0.00 greedy (the add-only
+    # runs needed ~45k add conversations to reach 0.24; mix gives ~19k): more add, a lower LR peak so that
+    # reverse and sort dip less at the re-warm (reverse fell 0.90 -> 0.42 in mix's first 50 steps)
+    mix2 = mix.replace(out=f"{out}/mix2", init_from=f"{out}/mix", steps=400, seed=4, lr=4e-4, min_lr=4e-5,
+                       sft_data=dataclasses.replace(mix.sft_data, task_weights=(
+                           ("add", 0.7), ("reverse", 0.15), ("sort", 0.15))))
+    # step 400 of mix2: add pass@8 0.21 / greedy 0.12 and climbing (0.02 at step 250), reverse 0.90, sort 0.97
+    mix3 = mix2.replace(out=f"{out}/mix3", init_from=f"{out}/mix2", steps=300, seed=5)
+    return {**stages, "mix": mix, "mix2": mix2, "mix3": mix3}
 
 
 def teacher_sft(out: str = "runs/teacher-sft") -> dict[str, TrainConfig]:
@@ -105,29 +128,7 @@ def teacher_sft(out: str = "runs/teacher-sft") -> dict[str, TrainConfig]:
             for d in ("add", "reverse", "sort")}
 
 
-def sft_mix(out: str = "runs/sft-mix") -> dict[str, TrainConfig]:
-    """The mixed think stage restarted from the reverse-only SFT model instead of run longer: 240 mixed steps
-    left add and reverse at pass@8 0.01 while reverse alone needed ~1,000 steps to reach greedy 0.5 (9.5 s a
-    mixed step, 3 s a domain step: docs/results/sft-start.md). reverse is the slowest to learn, so it is
-    learned first, alone; this stage then brings add and sort in (add at half the conversations: it starts
-    from nothing here) with reverse kept at a quarter, and the code replay restores the code model that the
-    domain stages did not train."""
-    think = sft_start()["think"]
-    mix = think.replace(recipe="sft-mix", out=f"{out}/mix", init_from="models/teacher-sft/reverse", steps=600,
-                        seed=3, eval_every=50, ckpt_every=50, sft_data=dataclasses.replace(
-                            think.sft_data, task_weights=(("add", 0.5), ("reverse", 0.25), ("sort", 0.25))))
-    # step 300 of mix: reverse 0.67, sort 0.55, code validation 3.00, but add still 0.00 greedy (the add-only
-    # runs needed ~45k add conversations to reach 0.24; mix gives ~19k): more add, a lower LR peak so that
-    # reverse and sort dip less at the re-warm (reverse fell 0.90 -> 0.42 in mix's first 50 steps)
-    mix2 = mix.replace(out=f"{out}/mix2", init_from=f"{out}/mix", steps=400, seed=4, lr=4e-4, min_lr=4e-5,
-                       sft_data=dataclasses.replace(mix.sft_data, task_weights=(
-                           ("add", 0.7), ("reverse", 0.15), ("sort", 0.15))))
-    # step 400 of mix2: add pass@8 0.21 / greedy 0.12 and climbing (0.02 at step 250), reverse 0.90, sort 0.97
-    mix3 = mix2.replace(out=f"{out}/mix3", init_from=f"{out}/mix2", steps=300, seed=5)
-    return {"mix": mix, "mix2": mix2, "mix3": mix3}
-
-
-RECIPES = {"debug": debug, "tiny": tiny, "sft-start": sft_start, "teacher-sft": teacher_sft, "sft-mix": sft_mix}
+RECIPES = {"debug": debug, "tiny": tiny, "sft-start": sft_start, "teacher-sft": teacher_sft}
 
 
 def get_recipe(name: str, out: str | Path | None = None) -> dict[str, TrainConfig]:
