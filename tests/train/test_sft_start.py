@@ -67,8 +67,9 @@ def test_spelled_reasoning_keeps_the_think_markup(tok):
 def test_stages_chain_in_recipe_order():
     """`mimo recipe` runs a recipe's stages in dict order and its result is the last stage's checkpoint."""
     stages = get_recipe("sft-start", "r")
-    assert list(stages) == ["pretrain", "mtp", "sft", "think"]
-    assert final_stage(stages) is stages["think"]
+    assert list(stages) == ["pretrain", "mtp", "sft", "think", "reverse", "reverse2", "reverse3", "reverse4",
+                            "mix", "mix2", "mix3"]
+    assert final_stage(stages) is stages["mix3"]
     for before, after in zip(list(stages.values()), list(stages.values())[1:]):
         assert after.init_from == before.out
     assert stages["think"].seed != stages["sft"].seed  # new conversations, not the first stage's again
