@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -111,6 +112,14 @@ def text_model_dir(model: str | None, command: str) -> str:
     if not (path / "tokenizer.json").is_file():
         raise UserError(f"model directory {model} has no tokenizer (tokenizer.json); {command} needs one")
     return model
+
+
+API_KEY_ENV = "MIMO_API_KEY"
+
+
+def api_key_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV) or None,
+                   help=f"{what} (default: ${API_KEY_ENV})")
 
 
 def set_threads(n: int | None) -> None:

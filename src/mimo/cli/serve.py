@@ -6,12 +6,12 @@ The implementations live in `mimo.serve` and `mimo.cli.chat`; they are imported 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from mimo.cli import (
     Command,
+    api_key_arg,
     nonnegative_float,
     nonnegative_int,
     number_type,
@@ -22,12 +22,6 @@ from mimo.cli import (
 )
 
 TITLE = "Serve"
-API_KEY_ENV = "MIMO_API_KEY"
-
-
-def _api_key_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV) or None,
-                   help=f"{what} (default: ${API_KEY_ENV})")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +29,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=port_number, default=8000, metavar="N",
                    help="default: %(default)s; 0 = any free port")
-    _api_key_arg(p, "clients must send it as a bearer token")
+    api_key_arg(p, "clients must send it as a bearer token")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="the model name clients see and send (default: the model directory's name)")
     p.add_argument("--num-speculative-tokens", type=nonnegative_int, metavar="K",
@@ -73,7 +67,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
                    "in this process)")
     p.add_argument("--model", help="with --url: the model name to ask for (default: the server's first); "
                    "without: the model directory to serve (default: the bundled mimo-tiny)")
-    _api_key_arg(p, "sent as a bearer token")
+    api_key_arg(p, "sent as a bearer token")
     p.add_argument("--think", action="store_true", help="start with thinking on (toggle with /think on|off)")
     p.add_argument("--max-tokens", type=positive_int, metavar="N", help="per reply (default: the server's)")
     p.add_argument("--temperature", type=nonnegative_float, metavar="T", help="default: the server's")
@@ -124,7 +118,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=nonnegative_float, metavar="T")
     p.add_argument("--seed", type=int, metavar="N")
     p.add_argument("--json", metavar="FILE", dest="json_out", help="also write the results here")
-    _api_key_arg(p, "sent as a bearer token")
+    api_key_arg(p, "sent as a bearer token")
     p.add_argument("--endpoint", choices=("chat", "completions"),
                    help="/v1/chat/completions or /v1/completions (default: completions for text prompts, chat "
                    "for messages)")

@@ -18,6 +18,7 @@ from pathlib import Path
 from mimo.cli import (
     Command,
     UserError,
+    api_key_arg,
     nonnegative_float,
     nonnegative_int,
     positive_float,
@@ -146,8 +147,12 @@ def train_stage(args: argparse.Namespace) -> int:
 # ---- evaluation --------------------------------------------------------------------------------------------
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", required=True,
-                   help="model or checkpoint directory (config.json, safetensors, tokenizer)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="DIR",
+                        help="model or checkpoint directory (config.json, safetensors, tokenizer)")
+    source.add_argument("--url", help="instead, an OpenAI-compatible server (e.g. a running 'mimo serve' at "
+                        "http://127.0.0.1:8000): the same prompts as greedy chat completions of its first model")
+    api_key_arg(p, "with --url: sent as a bearer token")
     p.add_argument("--tasks", type=_tasks, default="add,reverse,sort", help="comma-separated (default: all)")
     p.add_argument("--n", type=positive_int, default=100, help="held-out examples per task")
     p.add_argument("--seed", type=int, default=0)
@@ -162,14 +167,31 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _evaluate_server(url: str, api_key: str | None, tasks, n: int, seed: int, max_new_tokens: int, progress: bool,
+                     split: str) -> tuple[str, dict]:
+    """The server's model name and its greedy task accuracy, with a progress bar over the examples."""
+    from mimo.train.eval import connect, evaluate_tasks_via_server
+
+    with user_errors(ConnectionError, ValueError, ImportError):
+        client, model = connect(url, api_key)
+        with progress_bar(len(tasks) * n, "eval", progress) as bar:
+            return model, evaluate_tasks_via_server(client, model, tasks, n, seed, max_new_tokens, split, bar.update)
+
+
 def evaluate(args: argparse.Namespace) -> int:
-    model_dir = text_model_dir(args.model, "mimo eval")
+    if args.url is not None and args.pass_k:
+        raise UserError("--pass-k samples in this process: use it with --model, not --url")
+    model_dir = None if args.url is not None else text_model_dir(args.model, "mimo eval")
     if args.pass_k and max(args.pass_k) > args.samples:
         raise UserError(f"--pass-k {max(args.pass_k)} needs at least that many --samples, got {args.samples}")
     set_threads(args.threads)
     t0 = time.perf_counter()
     out = {"model": args.model, "split": args.split, "n_per_task": args.n}
-    if args.pass_k:
+    if args.url is not None:
+        out["model"], out["accuracy"] = _evaluate_server(args.url, args.api_key, args.tasks, args.n, args.seed,
+                                                         args.max_new_tokens, not args.no_progress, args.split)
+        out["url"] = args.url
+    elif args.pass_k:
         from mimo.train.eval import evaluate_pass_at_k, load_for_eval
 
         with user_errors(ValueError, OSError):

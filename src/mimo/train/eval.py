@@ -7,6 +7,10 @@ and its answer part (after `</think>` for a thinking task) is checked. Decoding 
 `generate_fn(prompt_ids, max_new_tokens, eos_id) -> new ids`; the default is the model's slow reference
 `generate` (no cache), and the engine can pass its own faster path with the same greedy semantics.
 
+`evaluate_tasks_via_server` measures the same accuracy through a running OpenAI-compatible server (`mimo serve`
+or another; `connect`): each prompt is the same conversation as a chat completion, greedy, with the same token
+budget, and the reply is scored by the same verifier.
+
 `sample_tasks` / `evaluate_pass_at_k` decode every (prompt, sample) pair as one engine request
 (`mimo.engine.LLM`, all requests batched), each with its own seed, so a sample's tokens do not depend on the
 batch it ran in and a rerun reproduces them exactly.
@@ -16,13 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from mimo import tasks as task_lib
 from mimo.data import Tokenizer
+from mimo.data.tokenizer import THINK_END
 from mimo.model.transformer import generate
 
 GenerateFn = Callable[[list[int], int, int], list[int]]
@@ -53,6 +60,91 @@ def evaluate_tasks(model, tokenizer: Tokenizer, tasks: Sequence[str] = task_lib.
         return out
 
     return task_lib.evaluate(batch_fn, tasks=tasks, n_per_task=n_per_task, seed=seed, split=split)
+
+
+@contextmanager
+def _server_errors(url) -> Iterator[None]:
+    """The client's failures as ConnectionError (nothing answers at `url`) or ValueError (it answered an error)."""
+    import openai
+
+    try:
+        yield
+    except openai.APIConnectionError as e:
+        raise ConnectionError(f"cannot reach {url}: {e.__cause__ or e}") from e
+    except openai.APIStatusError as e:
+        raise ValueError(f"{url}: {e.message}") from e
+
+
+def connect(url: str, api_key: str | None = None):
+    """An `openai.OpenAI` client of the server at `url` (with or without its /v1) and the first model the server
+    lists (GET /v1/models). ConnectionError when nothing answers there, ValueError when it answers an error or
+    lists no model."""
+    try:
+        import openai
+    except ImportError as e:
+        raise ImportError("evaluating through a server needs the openai package (pip install openai)") from e
+
+    client = openai.OpenAI(base_url=url.rstrip("/").removesuffix("/v1") + "/v1", api_key=api_key or "none")
+    with _server_errors(url):
+        # an unreachable server is reported at once, not after the client's retries with backoff
+        models = client.with_options(max_retries=0).models.list().data
+    if not models:
+        raise ValueError(f"{url} lists no model (GET /v1/models)")
+    return client, models[0].id
+
+
+def _reasoning(message) -> str | None:
+    # the reasoning parser's field; some servers name it `reasoning`
+    for name in ("reasoning_content", "reasoning"):
+        if (text := getattr(message, name, None)) is not None:
+            return text
+    return None
+
+
+def server_completions(client, model: str, examples: Sequence[task_lib.Example],
+                       max_new_tokens: int = task_lib.MAX_NEW_TOKENS, concurrency: int = 16,
+                       progress: Callable[[int], object] | None = None) -> list[str]:
+    """Greedy chat completions of the examples' prompts, `concurrency` requests in flight, each returned as
+    in-process evaluation sees its output (think block included, up to the stop token).
+
+    The server renders the conversation with its chat template; `chat_template_kwargs.enable_thinking` (sent for
+    every task: servers differ in their default) makes it the prompt `prompt_ids` renders. A server whose reasoning
+    parser moved a think block into `reasoning_content` gets it put back in front of `</think>`, so `check` sees
+    the same text as from a server without a parser, whose content is the whole output."""
+    def complete(ex: task_lib.Example):
+        with _server_errors(client.base_url):
+            r = client.chat.completions.create(
+                model=model, messages=task_lib.to_messages(ex, with_answer=False), temperature=0,
+                max_tokens=max_new_tokens,
+                extra_body={"chat_template_kwargs": {"enable_thinking": ex.task in task_lib.THINKING}})
+        return r.choices[0].message
+
+    messages = []
+    with ThreadPoolExecutor(concurrency) as pool:
+        for message in pool.map(complete, examples):
+            messages.append(message)
+            if progress is not None:
+                progress(1)
+    # A parser returns an empty reasoning as null, the same as a server without one: whether the server parses
+    # is read off the other thinking replies, else a reply that skipped its trace would lose its `</think>`.
+    parses = any(_reasoning(m) is not None for m, ex in zip(messages, examples) if ex.task in task_lib.THINKING)
+    out = []
+    for m, ex in zip(messages, examples):
+        reasoning, content = _reasoning(m), m.content or ""
+        split_off = reasoning is not None or (parses and ex.task in task_lib.THINKING)
+        out.append(f"{reasoning or ''}\n{THINK_END}\n\n{content}" if split_off else content)
+    return out
+
+
+def evaluate_tasks_via_server(client, model: str, tasks: Sequence[str] = task_lib.TASKS, n_per_task: int = 100,
+                              seed: int = 0, max_new_tokens: int = task_lib.MAX_NEW_TOKENS, split: str = "heldout",
+                              progress: Callable[[int], object] | None = None, concurrency: int = 16
+                              ) -> dict[str, float]:
+    """`evaluate_tasks` through the server of `client` (`connect`), asking for `model`: the same examples and
+    verifier, greedy decoding by the server (`server_completions`)."""
+    return task_lib.evaluate(lambda examples: server_completions(client, model, examples, max_new_tokens,
+                                                                 concurrency, progress),
+                             tasks=tasks, n_per_task=n_per_task, seed=seed, split=split)
 
 
 def load_for_eval(model_dir: str | Path):
