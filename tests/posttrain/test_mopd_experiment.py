@@ -76,6 +76,18 @@ def test_arms_resume_and_results(tmp_path):
     assert {arm: snapshot(out / arm) for arm in results["arms"]} == before
     assert again == json.loads((out / exp.RESULTS_JSON).read_text()) == json.loads(json.dumps(results))
 
+    # a sweep: another finished experiment summarised next to this one, each with its own tables and curves
+    shutil.copytree(out, tmp_path / "exp-b")
+    for bad in (["--sweep", str(tmp_path / "exp-b")], ["--docs", str(tmp_path / "docs"), "--sweep", str(tmp_path)]):
+        with pytest.raises(SystemExit):  # no --docs; not an experiment directory
+            exp.main([a for a in argv if a not in ("--docs", str(tmp_path / "docs"))] + bad)
+    exp.main([*argv, "--sweep", str(tmp_path / "exp-b")])
+    doc = (tmp_path / "docs" / "mopd.md").read_text()
+    assert "Summary over 2 experiments" in doc and "## exp\n" in doc and "## exp-b\n" in doc
+    assert all(doc.count(f"| {arm} | exp") == 2 for arm in results["arms"])
+    assert all((tmp_path / "docs" / f"mopd-curves-{n}.png").is_file() for n in ("exp", "exp-b"))
+    assert "every run: init_from" in doc and "Reached 0.95 of every teacher on every seed:" in doc
+
     # weight-avg alone: no trained run, so its own FLOPs are the budget and no run settings are listed
     alone = exp.main([*argv, "--arms", "weight-avg"])
     assert set(alone["arms"]) == {"weight-avg"} and alone["flop_budget"] == arm_flops["weight-avg"]["eval"]
