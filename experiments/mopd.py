@@ -197,12 +197,13 @@ def final_ood_accuracy(run_dir: Path, arm_spec: dict[str, Any], base: dict[str, 
 
 def teacher_building_flops(report: Path, domains: Sequence[str]) -> float | None:
     """What building the teachers cost (their SFT and GRPO runs' final ledger totals), from
-    experiments/teachers.py's teachers.json; None if a domain's teacher or either of its curves is missing."""
+    experiments/teachers.py's teachers.json; None if a domain's teacher, its GRPO curve, or the SFT curve of a
+    teacher that had an SFT run is missing (a teacher trained by GRPO alone, as sort, has no SFT cost)."""
     teachers = json.loads(report.read_text())["teachers"]
     total = 0.0
     for d in domains:
         t = teachers.get(d) or {}
-        curves = [t.get("sft_curve"), t.get("rl_curve")]
+        curves = [t.get("rl_curve")] + ([t.get("sft_curve")] if t.get("sft_run") else [])
         if not all(c and c["flops"] for c in curves):
             return None
         total += sum(c["flops"][-1] for c in curves)

@@ -23,8 +23,8 @@ def test_arms_resume_and_results(tmp_path):
     teacher = perturbed_teacher(tmp_path / "sort-teacher")
     out = tmp_path / "exp"
     costs = tmp_path / "teachers.json"  # experiments/teachers.py's report, curves only
-    costs.write_text(json.dumps({"teachers": {d: {"sft_curve": {"flops": [1e9, 3e9]}, "rl_curve": {"flops": [2e9]}}
-                                              for d in ("add", "sort")}}))
+    costs.write_text(json.dumps({"teachers": {d: {"sft_run": f"runs/sft-{d}", "sft_curve": {"flops": [1e9, 3e9]},
+                                                  "rl_curve": {"flops": [2e9]}} for d in ("add", "sort")}}))
     argv = ["--student", str(DEFAULT_MODEL), "--teacher", "add=self", "--teacher", f"sort={teacher}", "--out",
             str(out), "--preset", "debug", "--seeds", "0", "--docs", str(tmp_path / "docs"),
             "--teacher-costs", str(costs)]
@@ -92,6 +92,17 @@ def test_arms_resume_and_results(tmp_path):
     alone = exp.main([*argv, "--arms", "weight-avg"])
     assert set(alone["arms"]) == {"weight-avg"} and alone["flop_budget"] == arm_flops["weight-avg"]["eval"]
     assert "every run:" not in (out / exp.RESULTS_MD).read_text()
+
+
+def test_teacher_building_flops(tmp_path):
+    report = tmp_path / "teachers.json"
+    sft = {"sft_run": "runs/sft-add", "sft_curve": {"flops": [1e9, 3e9]}, "rl_curve": {"flops": [2e9]}}
+    grpo_only = {"sft_run": None, "sft_curve": None, "rl_curve": {"flops": [1e9, 4e9]}}  # as the sort teacher
+    report.write_text(json.dumps({"teachers": {"add": sft, "sort": grpo_only}}))
+    assert exp.teacher_building_flops(report, ["add", "sort"]) == 3e9 + 2e9 + 4e9
+    assert exp.teacher_building_flops(report, ["add", "reverse"]) is None  # no reverse teacher
+    report.write_text(json.dumps({"teachers": {"add": {**sft, "sft_curve": None}}}))
+    assert exp.teacher_building_flops(report, ["add"]) is None  # an SFT run whose curve is missing
 
 
 def test_weight_avg_is_the_teachers_mean(tmp_path):
