@@ -72,7 +72,7 @@ def model_card(student: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], d
     teacher_flags = " ".join(f"--teacher {d}={t}" for d, t in cfg["teachers"])
     mopd_cmd = (f"mimo mopd --init-from {cfg['init_from']} {teacher_flags} --alpha {alpha} --kl {kl} "
                 f"--lr {cfg['lr']} --warmup-steps {cfg['warmup_steps']} --steps {cfg['steps']} "
-                f"--eval-n {cfg['eval_n']} --seed {cfg['seed']} --threads 1")
+                f"--eval-n {cfg['eval_n']} --seed {cfg['seed']} --out runs/mopd --threads 1")
     distill_cmd = (f"mimo distill-mtp --model runs/mopd/checkpoints/step_{cfg['steps']:06d} "
                    f"--out models/mimo-tiny --steps {distill_args['steps']} --generated {distill_args['generated']} "
                    "--threads 1")

@@ -136,7 +136,7 @@ def run(model_dir: str, out: str, steps: int, batch_size: int = 16, seq_len: int
     model.eval()
     save_model(model, out)
     if Path(out).resolve() != Path(model_dir).resolve():
-        tok.save(out)
+        tok.save(out, model_max_length=model.config.max_position_embeddings)
     res = {"steps": steps, "val_agreement_before": before, "val_agreement_after": after,
            "seconds": round(time.perf_counter() - t0, 1)}
     if n_gen:  # on greedy continuations of held-out files: what the engine's drafts face
