@@ -100,7 +100,7 @@ def run(config: ServeConfig) -> int:
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
     key = ' -H "Authorization: Bearer $MIMO_API_KEY"' if config.api_key else ""
-    body = json.dumps({"model": state.model_name, "messages": [{"role": "user", "content": "add 2 3"}]})
+    body = json.dumps({"model": state.model_name, "messages": [{"role": "user", "content": "sort 5 3 9 1"}]})
     print(f"mimo: serving {state.model_name} at {url}  (chat page: {url}/ ; Ctrl-C stops)\n"
           f"try:  curl {url}/v1/chat/completions{key} -H 'Content-Type: application/json' -d '{body}'", flush=True)
     if config.model is None:
