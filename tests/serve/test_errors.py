@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 import anthropic
 import httpx
@@ -125,7 +126,12 @@ def test_a_full_admission_queue_is_429(guarded):
         assert err["type"] == "rate_limit_error" and "busy" in err["message"]
         busy = post(guarded, "/v1/chat/completions", {**body, "max_tokens": 2}, **auth)
         envelope(busy, 429)  # a stream is refused before its first byte, with a status, not an event
-    ok = post(guarded, "/v1/chat/completions", {"messages": MSG, "max_tokens": 2}, **auth)
+    # closing the stream aborts its request, and the engine thread frees the slot a moment later (that the abort
+    # frees it is test_client_disconnect_aborts_and_frees_the_kv's subject; here it only has to happen)
+    deadline = time.monotonic() + 10.0
+    while (ok := post(guarded, "/v1/chat/completions", {"messages": MSG, "max_tokens": 2}, **auth)).status_code == 429:
+        assert time.monotonic() < deadline, "the aborted stream still holds the only slot"
+        time.sleep(0.05)
     assert ok.status_code == 200
 
 
