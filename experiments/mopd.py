@@ -1,9 +1,9 @@
 """The MOPD experiment (posttraining-notes.md §9.3 stage S3, §9.4): arms trained from one student with the same
 prompts, seeds and steps; every run resumable; the results file written by code from the runs' metrics.
 
-Run (session 6) from `models/sft-start` with the three teachers of `models/teachers/`: arms mopd-a0,
+Run (sessions 6 and 7) from `models/sft-start` with the three teachers of `models/teachers/`: arms mopd-a0,
 mopd-a0.5, mix-rl, teacher-sft and weight-avg, 3 seeds x 40 steps, at LR 2e-5 and 5e-5 (runs/mopd-exp-lr2e-5,
-runs/mopd-exp-lr5e-5; docs/results/mopd.md).
+runs/mopd-exp-lr5e-5; docs/results/mopd.md, and their results.json as docs/results/mopd-exp-lr*.json).
 Tested on debug checkpoints (tests/posttrain/test_mopd_experiment.py).
 
     python -m experiments.mopd --student DIR --teacher add=DIR --teacher sort=DIR [--teacher reverse=self]
