@@ -139,13 +139,18 @@ class StepView:
         sliding = c.sliding[layer_id]
         kc, vc = c.k[layer_id], c.v[layer_id]
         w = self.write[sliding]
-        kc[w] = k[0] if k.dtype == kc.dtype else k[0].to(kc.dtype)
-        vc[w] = v[0] if v.dtype == vc.dtype else v[0].to(vc.dtype)
+        # index_copy_ / index_select rather than kc[w] = k / kc[slots]: advanced indexing takes a generic
+        # path that costs 4-6x more at 16-64 sequences (gathering 16 x 65 slots: 116 us against 21)
+        kc.index_copy_(0, w, k[0] if k.dtype == kc.dtype else k[0].to(kc.dtype))
+        vc.index_copy_(0, w, v[0] if v.dtype == vc.dtype else v[0].to(vc.dtype))
         q0 = q[0]  # [N, H, D]
         H, Dv = q0.shape[1], vc.shape[-1]
         if self.short_keys:
             slots, mask = self.short_keys[sliding]
-            kb, vb = kc[slots], vc[slots]  # [Bq, S, K, D], [Bq, S, K, Dv]
+            Bq, S = slots.shape
+            flat = slots.view(-1)
+            kb = kc.index_select(0, flat).view(Bq, S, *kc.shape[1:])  # [Bq, S, K, D]
+            vb = vc.index_select(0, flat).view(Bq, S, *vc.shape[1:])  # [Bq, S, K, Dv]
             if self.dense:  # every segment short and of one length: the batch is a plain [Bq, Tq] grid
                 qb = q0.view(slots.shape[0], self.N // slots.shape[0], H, -1)
                 return attend_masked(qb, kb, vb, mask, sinks, scale).reshape(1, self.N, H, Dv)
@@ -156,6 +161,7 @@ class StepView:
         for (off, s), keys in zip(self.long, self.long_keys):
             slots, lo = keys[sliding]
             out[off:off + s.length] = causal_attention(
-                q0[None, off:off + s.length], kc[slots][None], vc[slots][None], sliding_window, sinks, scale,
+                q0[None, off:off + s.length], kc.index_select(0, slots)[None], vc.index_select(0, slots)[None],
+                sliding_window, sinks, scale,
                 chunk=256, q_start=s.start, k_start=lo)[0]
         return out.unsqueeze(0)
