@@ -142,11 +142,10 @@ def test_bad_config_names_field(kw, field):
         ModelConfig.from_preset("test").replace(**kw)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 8, 17])
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
 def test_small_batch_paths_equal_grouped_and_reference(n):
-    """The decode-size path (pairs one by one), the every-expert dense path and the sorted grouped path agree
-    with the per-pair reference, and forward picks the pair loop for decode-size batches and the dense path
-    (without autograd) up to DENSE_TOKENS."""
+    """The decode-size path (pairs one by one) and the sorted grouped path agree with the per-pair reference,
+    and forward picks the pair loop for decode-size batches."""
     model = make_model()
     experts = model.model.layers[1].mlp.experts
     E, K = experts.gate_up_proj.shape[0], model.config.n_active_experts
@@ -154,13 +153,11 @@ def test_small_batch_paths_equal_grouped_and_reference(n):
     x = torch.randn(n, model.config.dim, generator=g)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(n)])
     w = torch.rand(n, K, generator=g)
-    with torch.inference_mode():
+    with torch.no_grad():
         ref = experts.forward_ref(x, ids, w)
-        outs = {"pairs": experts._pairs(x, ids, w), "dense": experts._dense(x, ids, w), "auto": experts(x, ids, w)}
-        experts.PAIR_LOOP_TOKENS = experts.DENSE_TOKENS = 0
+        outs = {"pairs": experts._pairs(x, ids, w), "auto": experts(x, ids, w)}
+        experts.PAIR_LOOP_TOKENS = 0
         outs["grouped"] = experts(x, ids, w)
     for name, out in outs.items():
         assert (out - ref).abs().max() < 1e-5, name
-    cls = experts.__class__
-    picked = "pairs" if n <= cls.PAIR_LOOP_TOKENS else "dense" if n <= cls.DENSE_TOKENS else "grouped"
-    assert torch.equal(outs["auto"], outs[picked])
+    assert torch.equal(outs["auto"], outs["pairs"] if n <= experts.__class__.PAIR_LOOP_TOKENS else outs["grouped"])

@@ -152,7 +152,7 @@ class StepView:
             kb = kc.index_select(0, flat).view(Bq, S, *kc.shape[1:])  # [Bq, S, K, D]
             vb = vc.index_select(0, flat).view(Bq, S, *vc.shape[1:])  # [Bq, S, K, Dv]
             if self.dense:  # every segment short and of one length: the batch is a plain [Bq, Tq] grid
-                qb = q0.view(slots.shape[0], self.N // slots.shape[0], H, -1)
+                qb = q0.view(Bq, self.N // Bq, H, -1)
                 return attend_masked(qb, kb, vb, mask, sinks, scale).reshape(1, self.N, H, Dv)
             ob = attend_masked(q0[self.qidx], kb, vb, mask, sinks, scale)  # [Bq, Tq, H, Dv]
         out = q0.new_empty(self.N, H, Dv)

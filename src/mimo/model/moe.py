@@ -80,8 +80,6 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self._views = DerivedWeights(lambda ws: tuple(w.unbind(0) for w in ws))  # per-expert matrices
-        # [E, D, 2I] and [E, I, D]: the stacks as right-hand operands of one batched matmul each
-        self._stacks_t = DerivedWeights(lambda ws: tuple(w.transpose(1, 2).contiguous() for w in ws))
 
     @staticmethod
     def _swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -90,13 +88,12 @@ class Experts(nn.Module):
 
     # Decode-size batches run their (token, expert) pairs one by one on the per-expert matrices: no sort, no
     # gather. Full decode forward of the default model, 100-token context, side by side: 2 tokens pairs 6.2 ms
-    # vs grouped 6.9; 4 tokens 7.6 both; 8 tokens grouped 8.8 vs pairs 9.6.
+    # vs grouped 6.9; 4 tokens 7.6 both; 8 tokens grouped 8.8 vs pairs 9.6. Running every expert on every
+    # token (fewer ops, E / K times the weight reads) lost too: 4 tokens 9.9 vs grouped 9.2. Tried again as two
+    # batched matmuls over the stacks: one layer alone was faster (4 tokens 325 -> 202 us), but whole engine
+    # runs A/B, interleaved, four times: 0.92-1.11x at batch 16 (three of four below 1) and 0.89-1.07x with
+    # three drafts at batch 1: it reads E / K times the weights.
     PAIR_LOOP_TOKENS = 2
-    # From 3 to DENSE_TOKENS tokens (verify steps, small decode batches) without autograd, every expert runs on
-    # every token as two batched matmuls: E / K times the arithmetic but 7 ops whatever the number of distinct
-    # experts. One MoE layer of the default model (E = 8, K = 2), 1 thread: 4 tokens (6 distinct experts)
-    # grouped 325 us vs dense 202; 16 tokens 520 vs 432; 24 tokens 552 vs 559; 64 tokens 804 vs 1667.
-    DENSE_TOKENS = 16
 
     def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """Grouped: sort the N*K (token, expert) pairs by expert, then one matmul chain per active expert
@@ -108,8 +105,6 @@ class Experts(nn.Module):
         N, K = ids_NK.shape
         if N <= self.PAIR_LOOP_TOKENS:
             return self._pairs(x_ND, ids_NK, w_NK)
-        if N <= self.DENSE_TOKENS and not torch.is_grad_enabled():  # cached under inference_mode (the engine)
-            return self._dense(x_ND, ids_NK, w_NK)
         flat = ids_NK.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
@@ -135,16 +130,6 @@ class Experts(nn.Module):
             ys = torch.cat([F.linear(self._swiglu(F.linear(x, gate_up[e])), down[e]) for e in experts])  # [K, D]
             rows.append(w @ ys)
         return rows[0] if N == 1 else torch.cat(rows)
-
-    def _dense(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-        gate_up_EDH, down_EID = self._stacks_t(self.gate_up_proj, self.down_proj)
-        E = gate_up_EDH.shape[0]
-        # each token's combine weight per expert, 0 for the experts it did not choose
-        comb_NE = torch.zeros(x_ND.shape[0], E, dtype=x_ND.dtype, device=x_ND.device)
-        comb_NE.scatter_(1, ids_NK, w_NK if w_NK.dtype == x_ND.dtype else w_NK.to(x_ND.dtype))
-        h_ENH = torch.matmul(x_ND, gate_up_EDH)  # x broadcast over the experts: [E, N, 2I]
-        y_END = torch.bmm(self._swiglu(h_ENH) * comb_NE.t().unsqueeze(-1), down_EID)
-        return y_END.sum(0)
 
     def forward_ref(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """Slow reference: every (token, slot) pair on its own."""
