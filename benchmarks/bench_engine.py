@@ -12,7 +12,10 @@ Then the targets, met or not, from the figures above.
 Configurations run back to back inside every round (interleaved) and each keeps its fastest round, so load
 that comes and goes on a shared machine hits all of them alike.
 
-    python benchmarks/bench_engine.py [--model DIR] [--quick] [--rounds N]
+With --compile the engine runs its decode, verify and drafting steps as torch.compile graphs
+(`LLM(compile=True)`); the compile time of the warm-up is printed first. Transformers stays eager.
+
+    python benchmarks/bench_engine.py [--model DIR] [--quick] [--rounds N] [--compile]
 """
 
 from __future__ import annotations
@@ -135,22 +138,31 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="fewer prompts and lengths")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the decode and throughput tables")
+    ap.add_argument("--compile", action="store_true", help="the engine's steps as torch.compile graphs")
     args = ap.parse_args()
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager").eval()
-    llm = LLM(args.model, max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=2048)
+    llm = LLM(args.model, max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=2048, compile=args.compile)
     tok = llm.tokenizer
     cfg = llm.model.config
     print(f"model {args.model}: {sum(p.numel() for p in llm.model.parameters()) / 1e6:.1f}M parameters, "
           f"{cfg.n_layers} layers, {llm.model.n_mtp} MTP heads, window {cfg.sliding_window}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, engine {'compiled' if args.compile else 'eager'}")
 
     code = [tok.encode(p) for p in CODE_PROMPTS[: 3 if args.quick else 6]]
     chat = chat_prompts(tok, 3 if args.quick else 6)
     n_mtp = llm.model.n_mtp
     classes = [("code", code, args.max_tokens), ("chat tasks", chat, 16), ("sampled", code, args.max_tokens)]
+    if args.compile:  # every graph the tables need, compiled before anything is timed
+        t0 = time.perf_counter()
+        for n in (1, 2, 4, 16, 64):
+            for cls, prompts, _ in classes:
+                for c in range(n_mtp + 1):
+                    engine_run(llm, [prompts[i % len(prompts)] for i in range(n)],
+                               [params_for(cls, 16, i) for i in range(n)], c)
+        print(f"compile warm-up: {time.perf_counter() - t0:.0f} s")
     print(f"\n1. batch-1 decode (ms/token, mean acceptance length; fastest of {args.rounds} interleaved rounds); "
           f"k = drafts every step, {DEFAULT} = adaptive drafting with up to {n_mtp}")
     tables = {}

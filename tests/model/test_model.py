@@ -142,10 +142,11 @@ def test_bad_config_names_field(kw, field):
         ModelConfig.from_preset("test").replace(**kw)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 8])
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 40])
 def test_small_batch_paths_equal_grouped_and_reference(n):
-    """The decode-size path (pairs one by one) and the sorted grouped path agree with the per-pair reference,
-    and forward picks the pair loop for decode-size batches."""
+    """The decode-size path (pairs one by one), the sorted grouped path and the static-shape path of compiled
+    steps (gathered experts up to STATIC_GATHER_TOKENS tokens, every expert above) agree with the per-pair
+    reference, and forward picks the pair loop for decode-size batches."""
     model = make_model()
     experts = model.model.layers[1].mlp.experts
     E, K = experts.gate_up_proj.shape[0], model.config.n_active_experts
@@ -155,7 +156,9 @@ def test_small_batch_paths_equal_grouped_and_reference(n):
     w = torch.rand(n, K, generator=g)
     with torch.no_grad():
         ref = experts.forward_ref(x, ids, w)
-        outs = {"pairs": experts._pairs(x, ids, w), "auto": experts(x, ids, w)}
+        outs = {"pairs": experts._pairs(x, ids, w), "auto": experts(x, ids, w), "static": experts._static(x, ids, w)}
+        experts.STATIC_GATHER_TOKENS = 0
+        outs["static, every expert"] = experts._static(x, ids, w)
         experts.PAIR_LOOP_TOKENS = 0
         outs["grouped"] = experts(x, ids, w)
     for name, out in outs.items():

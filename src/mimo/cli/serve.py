@@ -40,10 +40,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=nonnegative_int, metavar="N",
                    help="requests admitted beyond --max-num-seqs before answering 429")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="run decode steps as torch.compile graphs (faster; the first requests wait for the compile)")
 
 
 SERVE_FIELDS = ("model", "host", "port", "api_key", "served_model_name", "num_speculative_tokens", "max_num_seqs",
-                "max_model_len", "max_queue", "threads")
+                "max_model_len", "max_queue", "threads", "compile")
 BENCH_FIELDS = ("url", "model", "num_requests", "concurrency", "request_rate", "prompts", "max_tokens", "temperature",
                 "seed", "json_out", "api_key", "endpoint", "ignore_eos", "num_speculative_tokens")
 

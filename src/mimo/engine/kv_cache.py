@@ -112,7 +112,11 @@ class StepView:
             qlast = [[min(j, s.length - 1) for j in range(Tq)] for s in ss]
             if not self.dense:
                 self.qidx = torch.tensor([[offsets[i] + j for j in js] for i, js in zip(short, qlast)], device=dev)
-                self.qvalid = torch.tensor([[j < s.length for j in range(Tq)] for s in ss], device=dev)
+                # the output rows of the short segments, in order, as rows of the flattened [Bq * Tq] batch,
+                # and where they go among all N rows: e.g. lengths 2, 1 (Tq 2): src [0, 1, 2], dst [0, 1, 2]
+                self.qsrc = torch.tensor([r * Tq + j for r, s in enumerate(ss) for j in range(s.length)], device=dev)
+                self.qdst = torch.tensor([offsets[i] + j for i in short for j in range(segments[i].length)],
+                                         device=dev)
             qpos = torch.tensor([[s.start + j for j in js] for s, js in zip(ss, qlast)], device=dev)  # [Bq, Tq]
             for sliding in pools:
                 los = [max(s.start - W + 1, s.kv_lo) if sliding else s.kv_lo for s in ss]
@@ -155,9 +159,13 @@ class StepView:
                 qb = q0.view(Bq, self.N // Bq, H, -1)
                 return attend_masked(qb, kb, vb, mask, sinks, scale).reshape(1, self.N, H, Dv)
             ob = attend_masked(q0[self.qidx], kb, vb, mask, sinks, scale)  # [Bq, Tq, H, Dv]
+            # index_select rather than boolean masks: static shapes, so a compiled step does not break here
+            rows = ob.reshape(-1, H, Dv).index_select(0, self.qsrc)
+            if not self.long:
+                return rows.unsqueeze(0).to(q0.dtype)
         out = q0.new_empty(self.N, H, Dv)
         if self.short_keys:
-            out[self.qidx[self.qvalid]] = ob[self.qvalid].to(out.dtype)
+            out.index_copy_(0, self.qdst, rows.to(out.dtype))
         for (off, s), keys in zip(self.long, self.long_keys):
             slots, lo = keys[sliding]
             out[off:off + s.length] = causal_attention(

@@ -174,7 +174,7 @@ class LLM:
                  tokenizer: Any = None, max_num_batched_tokens: int = 1024, block_size: int = 16,
                  num_full_blocks: int | None = None, num_sliding_blocks: int | None = None,
                  kv_cache_bytes: int | None = None, seed: int = 0, draft_vocab_size: int | None = None,
-                 adaptive_drafting: bool = True):
+                 adaptive_drafting: bool = True, compile: bool = False):
         model, tok = _load(model, dtype, device)
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer if tokenizer is not None else tok
@@ -203,7 +203,7 @@ class LLM:
         eos = getattr(self.tokenizer, "eos_id", None) if self.tokenizer is not None else cfg.eos_token_id
         self.scheduler = Scheduler(self.config, self.block_manager, eos_token_id=eos)
         # draft_vocab_size: the MTP heads draft among this many most frequent ids (runner; None = its default)
-        self.runner = ModelRunner(self.model, self.cache, device, draft_vocab_size)
+        self.runner = ModelRunner(self.model, self.cache, device, draft_vocab_size, compile)
         # off: every decode step verifies all of its request's drafts (fixed-k speculation, the reference the
         # adaptive policy is measured against)
         self.adaptive_drafting = adaptive_drafting

@@ -35,8 +35,9 @@ class DerivedWeights:
         self._ws, self._value = (), None
 
     def __call__(self, *ws: torch.Tensor):
-        # parameters made under inference_mode are kept as they are (nothing may hold views of them outside)
-        if not torch.is_inference_mode_enabled() or any(w.is_inference() for w in ws):
+        # parameters made under inference_mode are kept as they are (nothing may hold views of them outside);
+        # a compiled graph computes the result in the graph (its cache is Python state dynamo cannot trace)
+        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled() or any(w.is_inference() for w in ws):
             return self.fn(ws)
         # the same tensor objects (held here, so none can be freed and its address reused)
         if self._value is None or len(ws) != len(self._ws) or any(a is not b for a, b in zip(ws, self._ws)):

@@ -34,6 +34,7 @@ class ServeConfig:
     max_queue: int = 256  # requests admitted beyond max_num_seqs before answering 429
     graceful_timeout: float = 5.0
     threads: int = 1  # torch intra-op threads: the tiny model is dispatch-bound, one thread is fastest
+    compile: bool = False  # decode steps as torch.compile graphs (engine.LLM): faster, the first requests compile
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -46,6 +47,8 @@ class ServeConfig:
             raise ValueError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
 
@@ -62,7 +65,7 @@ def build(config: ServeConfig):
 
     torch.set_num_threads(config.threads)
     llm = LLM(config.model, num_speculative_tokens=config.num_speculative_tokens,
-              max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len)
+              max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len, compile=config.compile)
     if llm.tokenizer is None:
         raise ValueError(f"model {config.model!r} has no tokenizer (tokenizer.json); the server needs one")
     name = config.served_model_name or Path(str(config.model or DEFAULT_MODEL)).resolve().name
