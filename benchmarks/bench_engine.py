@@ -13,7 +13,8 @@ Configurations run back to back inside every round (interleaved) and each keeps 
 that comes and goes on a shared machine hits all of them alike.
 
 With --compile the engine runs its decode, verify and drafting steps as torch.compile graphs
-(`LLM(compile=True)`); the compile time of the warm-up is printed first. Transformers stays eager.
+(`LLM(compile=True)`), and only MTP off and the default run (each configuration compiles graphs of its own);
+the compile time of the warm-up is printed first. Transformers stays eager.
 
     python benchmarks/bench_engine.py [--model DIR] [--quick] [--rounds N] [--compile]
 """
@@ -155,11 +156,13 @@ def main() -> None:
     chat = chat_prompts(tok, 3 if args.quick else 6)
     n_mtp = llm.model.n_mtp
     classes = [("code", code, args.max_tokens), ("chat tasks", chat, 16), ("sampled", code, args.max_tokens)]
-    if args.compile:  # every graph the tables need, compiled before anything is timed
+    counts = (1, 4) if args.quick else (1, 4, 16, 64)
+    ks = [0] if args.compile else list(range(n_mtp + 1))
+    if args.compile:  # the graphs the tables need, compiled before anything is timed
         t0 = time.perf_counter()
-        for n in (1, 2, 4, 16, 64):
+        for n in counts:
             for cls, prompts, _ in classes:
-                for c in range(n_mtp + 1):
+                for c in (0, DEFAULT):
                     engine_run(llm, [prompts[i % len(prompts)] for i in range(n)],
                                [params_for(cls, 16, i) for i in range(n)], c)
         print(f"compile warm-up: {time.perf_counter() - t0:.0f} s")
@@ -167,7 +170,7 @@ def main() -> None:
           f"k = drafts every step, {DEFAULT} = adaptive drafting with up to {n_mtp}")
     tables = {}
     for cls, prompts, mt in classes:
-        cfgs = ["hf", *range(n_mtp + 1), DEFAULT]
+        cfgs = ["hf", *ks, DEFAULT]
         table = tables[cls] = decode_table(llm, hf, prompts, cls, mt, cfgs, args.rounds)
         t_hf, t_off = table["hf"][0], table[0][0]
         print(f"  {cls:<10} transformers {t_hf:7.2f} ms/token")
@@ -178,7 +181,6 @@ def main() -> None:
             print(f"  {cls:<10} engine {name:<8} {ms:7.2f} ms/token  AL {al:.2f}  {t_hf / ms:5.2f}x transformers  "
                   f"{t_off / ms:5.2f}x MTP-off  step cost {ms * al / t_off:4.2f}x a plain step")
 
-    counts = (1, 4) if args.quick else (1, 4, 16, 64)
     print(f"\n2. throughput, concurrent requests (tokens/s, fastest of {args.rounds} interleaved rounds)")
     thr = throughput_table(llm, classes, counts, args.rounds)
     for cls, _, mt in classes:

@@ -16,11 +16,12 @@ def oracle_drafts(llm, refs: dict[tuple[int, ...], list[int]]) -> None:
 
     The real drafting round still runs first (its MTP caches and adaptive skips stay exercised), then the
     drafts of every sequence the engine asked for are overwritten, nd of them whatever the adaptive policy
-    chose, so every acceptance length is reached.
+    chose, so every acceptance length is reached (the draft guard is pinned to drafting).
     Round r of a sequence drafting nd tokens makes draft (nd - r % (nd + 1)) wrong: the first round proposes
     all nd correctly, the next nd - 1, ..., then none, and again.
     """
     real = llm.runner.draft
+    llm._guard.mode = lambda batch: True  # drafts every step: the timing guard must not switch drafting off
     V = llm.model.config.vocab_size
     rounds: dict[str, itertools.count] = {}
 

@@ -135,6 +135,7 @@ def test_mtp_drafts_equal_recomputation_from_scratch(model, monkeypatch, draft_v
     floor = [0.0]
     monkeypatch.setattr(llm_mod, "draft_floor", lambda batch: floor[0])
     llm = _engine(model, num_speculative_tokens=3, max_model_len=200, draft_vocab_size=draft_vocab)
+    monkeypatch.setattr(llm._guard, "mode", lambda batch: True)  # the floors alone decide here
     vocab = None if draft_vocab is None else list(range(draft_vocab))
     prompt = _prompts(model, (13,), seed=3)[0]
     llm.add_request("x", prompt, SamplingParams(max_tokens=120, temperature=0))

@@ -33,7 +33,7 @@ import torch
 from mimo.engine.config import DEFAULT_MODEL, EngineConfig, SamplingParams
 from mimo.engine.kv_cache import KVCache
 from mimo.engine.planner import build_block_manager
-from mimo.engine.runner import SEEDED_BATCH, ModelRunner, MTPState, draft_floor
+from mimo.engine.runner import SEEDED_BATCH, DraftGuard, ModelRunner, MTPState, draft_floor
 from mimo.engine.sampler import (
     TokenLogprobs,
     compute_logprobs,
@@ -207,6 +207,8 @@ class LLM:
         # off: every decode step verifies all of its request's drafts (fixed-k speculation, the reference the
         # adaptive policy is measured against)
         self.adaptive_drafting = adaptive_drafting
+        self._guard = DraftGuard()  # with adaptive drafting: whether drafting pays at all, timed
+        self._round_mode: bool | None = None  # the guard's mode in the last drafting round
         self._rng = torch.Generator().manual_seed(seed)
         self._gens: dict[str, torch.Generator | None] = {}
         self._mtp: dict[str, MTPState] = {}
@@ -343,6 +345,7 @@ class LLM:
     # ---- one step (the engine thread) -----------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestDelta]:
+        t0 = time.perf_counter()
         ended = self._drain()
         if self.model.weights_version != self._weights_version:
             self._sync_weights()
@@ -409,7 +412,15 @@ class LLM:
             self._mtp[seq.request_id].append(n_before, hidden[r:r + n_new], seq.num_computed_tokens - self._h_keep)
             if tokens:
                 touched.append((seq, n_out))
-        self._draft([s for s, _ in touched if not s.is_finished])
+        t_round = time.perf_counter()
+        mode = self._draft([s for s, _ in touched if not s.is_finished])
+        if mode is not None:  # the guard's timing (DraftGuard): a step whole, or only its drafting round
+            t1 = time.perf_counter()
+            if any(it.is_prefill for it in out.items):
+                self._guard.record(len(out.items), mode, 0, t1 - t_round)
+            elif mode == self._round_mode:
+                self._guard.record(len(out.items), mode, sum(len(t) for t, _ in results), t1 - t0)
+        self._round_mode = mode
         now = time.monotonic()
         deltas = ended + [self._delta(seq, n_out, now) for seq, n_out in touched]
         for seq, _ in touched:
@@ -464,7 +475,9 @@ class LLM:
             results[i] = (toks, lps)
         return results
 
-    def _draft(self, candidates: list[Sequence]) -> None:
+    def _draft(self, candidates: list[Sequence]) -> bool | None:
+        """The drafting round after a step; returns the guard's mode (None: not asked, e.g. drafting off or
+        every drafting request seeded and sampled)."""
         seqs, states, nds = [], [], []
         for seq in candidates:
             k = seq.num_speculative_tokens or 0
@@ -473,14 +486,26 @@ class LLM:
                 seqs.append(seq)
                 states.append(self._mtp[seq.request_id])
                 nds.append(min(k, self.model.n_mtp))
-        if seqs and not self.adaptive_drafting:
+        if not seqs:
+            return None
+        if not self.adaptive_drafting:
             self.runner.draft(seqs, states, nds)
-        elif seqs:
-            # adaptive: each request drafts while its drafts pay for their cost at this batch size; a seeded
-            # sampled request decides from its own history only, so its tokens do not depend on the batch
-            private = [s.sampling_params.seed is not None and not s.sampling_params.is_greedy for s in seqs]
+            return None
+        # adaptive: each request drafts while its drafts pay for their cost at this batch size, and only while
+        # the guard measures that drafting pays at all; a seeded sampled request decides from its own history
+        # only, so its tokens do not depend on the batch or on timing
+        private = [s.sampling_params.seed is not None and not s.sampling_params.is_greedy for s in seqs]
+        mode = None if all(private) or len(seqs) < DraftGuard.MIN_BATCH else self._guard.mode(len(seqs))
+        if mode is False:  # the others skip the round whole (their last drafts' outcome is folded in later)
+            for st, p in zip(states, private):
+                if not p:
+                    st.drafts = []
+            keep = [i for i, p in enumerate(private) if p]
+            seqs, states, nds, private = ([x[i] for i in keep] for x in (seqs, states, nds, private))
+        if seqs:
             floors = [draft_floor(SEEDED_BATCH if p else len(seqs)) for p in private]
             self.runner.draft(seqs, states, nds, floors, private)
+        return mode
 
     def _keep_routed(self, sid: str, start: int, rows: torch.Tensor) -> None:
         chunks = self._routed.setdefault(sid, [])

@@ -1,0 +1,42 @@
+"""DraftGuard: drafting is kept only while it measures faster than plain decoding (plain Python, no timing:
+the steps' seconds are given)."""
+
+from __future__ import annotations
+
+from mimo.engine.runner import DraftGuard
+
+
+def _run(guard, speed, steps, batch=16, tokens=10):
+    """`steps` rounds at `batch` where a step of mode m takes tokens / speed[m] seconds; the modes chosen."""
+    modes = []
+    for _ in range(steps):
+        m = guard.mode(batch)
+        modes.append(m)
+        guard.record(batch, m, tokens, tokens / speed[m])
+    return modes
+
+
+def test_guard_measures_both_modes_then_keeps_the_faster_and_explores_less_and_less():
+    g = DraftGuard()
+    modes = _run(g, {True: 100.0, False: 150.0}, 600)
+    n = g.MIN_STEPS
+    assert modes[:n] == [True] * n and modes[n:2 * n] == [False] * n  # the policy first, then plain decoding
+    later = modes[100:]
+    assert 0 < sum(later) <= 0.05 * len(later)  # mostly plain, with explorations of the policy
+    assert g.interval[g.bucket(16)] == g.MAX_INTERVAL
+    assert g.mode(1) is True  # another batch size is measured on its own
+
+
+def test_guard_follows_a_change_of_which_mode_is_faster():
+    g = DraftGuard()
+    _run(g, {True: 100.0, False: 150.0}, 400)
+    modes = _run(g, {True: 300.0, False: 150.0}, 1000)  # e.g. the requests turned into repetitive code
+    e = g.EXPLORE_STEPS
+    assert sum(modes[:100]) <= 2 * e and sum(modes[-300:]) >= 300 - 2 * e  # plain kept a while, then drafting
+    modes = _run(g, {True: 100.0, False: 150.0}, 1000)
+    assert sum(modes[-300:]) <= 2 * e
+
+
+def test_guard_keeps_drafting_where_it_pays():
+    modes = _run(DraftGuard(), {True: 160.0, False: 150.0}, 600)
+    assert sum(modes[100:]) >= 0.95 * 500
