@@ -182,6 +182,8 @@ class LLM:
         n_mtp = self.model.n_mtp
         if num_speculative_tokens is None:
             num_speculative_tokens = n_mtp
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         if not isinstance(num_speculative_tokens, int) or not 0 <= num_speculative_tokens <= n_mtp:
             raise ValueError(f"num_speculative_tokens must be an integer in [0, {n_mtp}] (the model has {n_mtp} "
                              f"MTP heads), got {num_speculative_tokens!r}")

@@ -71,10 +71,16 @@ SEEDED_BATCH = 64
 ROUND_SHARE = 0.35  # a drafting round's fixed cost (views, bookkeeping), as a share of a draft's cost
 
 
-def _no_duck_shapes():
-    """Sizes that happen to be equal in the first compiled step (e.g. 23 keys in both pools) are otherwise
-    assumed equal forever, and the next step recompiles; a no-op for eager calls."""
-    return torch.fx.experimental._config.patch(use_duck_shape=False)
+def _compiled(fn):
+    """fn as a torch.compile graph with dynamic shapes, called with duck sizing off: sizes that happen to be
+    equal in the first compiled step (e.g. 23 keys in both pools) are otherwise assumed equal forever, and the
+    next step recompiles."""
+    graph = torch.compile(fn, dynamic=True)
+
+    def call(*args):
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return graph(*args)
+    return call
 
 
 class DraftGuard:
@@ -230,8 +236,8 @@ class ModelRunner:
         self.model = model
         # compiled: steps whose segments are all short (decode, verify, drafting) run as torch.compile graphs
         # with dynamic shapes; prefill chunks and steps that record routing stay eager (module docstring)
-        self._hidden = torch.compile(model.forward_hidden, dynamic=True) if compile else None
-        self._mtp_hidden = torch.compile(model.mtp_hidden, dynamic=True) if compile else model.mtp_hidden
+        self._hidden = _compiled(model.forward_hidden) if compile else None
+        self._mtp_hidden = _compiled(model.mtp_hidden) if compile else None
         self.cache = cache
         self.device = torch.device(device)
         self.window = model.config.sliding_window
@@ -263,8 +269,7 @@ class ModelRunner:
         positions = torch.tensor([pos], device=self.device)
         view = self.cache.view(segs)
         if self._hidden is not None and routing is None and not view.long:
-            with _no_duck_shapes():
-                return self._hidden(input_ids, positions, view)[0]
+            return self._hidden(input_ids, positions, view)[0]
         return self.model.forward_hidden(input_ids, positions, view, routing)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -365,10 +370,10 @@ class ModelRunner:
                 st.valid[k] = n - k
             hidden = hid[0] if len(hid) == 1 else torch.cat(hid)
             view = views[key]
-            with _no_duck_shapes():  # a first round after prefill re-extends a whole window: eager
-                u = (self.model.mtp_hidden if view.long else self._mtp_hidden)(
-                    k, hidden[None], torch.tensor([ids], device=self.device), torch.tensor([pos], device=self.device),
-                    view)[0]
+            # a first round after prefill re-extends a whole window: eager
+            block = self._mtp_hidden if self._mtp_hidden is not None and not view.long else self.model.mtp_hidden
+            u = block(k, hidden[None], torch.tensor([ids], device=self.device), torch.tensor([pos], device=self.device),
+                      view)[0]
             last = list(itertools.accumulate(lengths))  # each live sequence's row for its last position, + 1
             rows = u[-1:] if len(last) == 1 else u[torch.tensor(last, device=u.device) - 1]
             # head probability of the draft at the request's temperature (1 for greedy rows: same argmax)
