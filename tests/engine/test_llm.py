@@ -92,6 +92,28 @@ def test_adaptive_drafting_off_verifies_every_draft():
     assert adaptive.num_drafted < 3 * adaptive.num_verify_steps
 
 
+def test_generate_drafts_only_for_requests_that_can_shorten_the_batch():
+    """In `generate` (its caller waits for every request) a request whose remaining budget fits within the
+    steps another still needs does not draft; through the step API (a server: each request's own latency
+    counts) it does, and greedy output is the same either way. Equal budgets all draft."""
+    llm = LLM()
+    prompt = llm.tokenizer.encode("def read_lines(path):\n    with open(path) as f:\n")
+    short, long_ = (SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (8, 48))
+    outs = llm.generate([prompt, prompt], [short, long_])
+    toks, _ = drive(llm, [prompt], short)
+    assert outs[0].token_ids == toks[0] == outs[1].token_ids[:8]
+    assert outs[0].metrics.num_drafted == 0 < outs[1].metrics.num_drafted
+    assert llm.generate([prompt], short)[0].metrics.num_drafted > 0  # alone it is the batch's last request
+    ids = [llm.add_request(None, prompt, sp) for sp in (short, long_)]
+    drafted = dict.fromkeys(ids, 0)
+    while llm.has_unfinished_requests():
+        for d in llm.step():
+            if d.finished:
+                drafted[d.request_id] = d.metrics.num_drafted
+    assert drafted[ids[0]] > 0 and drafted[ids[1]] > 0
+    assert all(o.metrics.num_drafted > 0 for o in llm.generate([prompt, prompt], [short, short]))
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_preemption_by_tiny_pool_keeps_greedy_output(model, k):
     """A full pool that holds ~2 long requests forces recompute preemption of younger ones mid-speculation."""

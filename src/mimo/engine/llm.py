@@ -211,6 +211,7 @@ class LLM:
         self.adaptive_drafting = adaptive_drafting
         self._guard = DraftGuard()  # with adaptive drafting: whether drafting pays at all, timed
         self._round_mode: bool | None = None  # the guard's mode in the last drafting round
+        self._whole_batch = False  # inside `generate`: its caller waits for every request (_off_critical_path)
         self._rng = torch.Generator().manual_seed(seed)
         self._gens: dict[str, torch.Generator | None] = {}
         self._mtp: dict[str, MTPState] = {}
@@ -498,16 +499,49 @@ class LLM:
         # only, so its tokens do not depend on the batch or on timing
         private = [s.sampling_params.seed is not None and not s.sampling_params.is_greedy for s in seqs]
         mode = None if all(private) or len(seqs) < DraftGuard.MIN_BATCH else self._guard.mode(len(seqs))
-        if mode is False:  # the others skip the round whole (their last drafts' outcome is folded in later)
-            for st, p in zip(states, private):
-                if not p:
+        skip = self._off_critical_path(seqs, private)
+        if mode is False:
+            skip = [not p for p in private]
+        if any(skip):  # they skip the round whole (their last drafts' outcome is folded in later)
+            for st, k in zip(states, skip):
+                if k:
                     st.drafts = []
-            keep = [i for i, p in enumerate(private) if p]
+            keep = [i for i, k in enumerate(skip) if not k]
             seqs, states, nds, private = ([x[i] for i in keep] for x in (seqs, states, nds, private))
         if seqs:
             floors = [draft_floor(SEEDED_BATCH if p else len(seqs)) for p in private]
             self.runner.draft(seqs, states, nds, floors, private)
         return mode
+
+    def _off_critical_path(self, seqs: list[Sequence], private: list[bool]) -> list[bool]:
+        """Per drafting candidate: whether drafting cannot shorten the current `generate` call. That call
+        returns when its last request does, so with nothing waiting for a slot a request gains the caller
+        nothing by drafting when its remaining budget at one token a step fits within the steps another
+        request still needs (its budget over the tokens per step it has made so far); its drafting round and
+        verify rows would only slow every step. E.g. 4 chat requests of 16 tokens, three rejecting their
+        drafts: the fourth, 8 tokens ahead, stops drafting (it drafted one token a step for 0.91x of MTP off).
+        Ties draft, so requests that progress alike all draft. Remaining budgets are upper bounds (a request
+        may stop earlier), and a request that stops drafting resumes once the others' horizon falls below its
+        budget. Off in the step API (the server: each request's own latency counts) and for seeded sampled
+        requests (their drafting must not depend on other requests)."""
+        if not self._whole_batch or self.scheduler.num_waiting:
+            return [False] * len(seqs)
+        cap = self.config.max_model_len
+
+        def remaining(s: Sequence) -> int:
+            budget = s.sampling_params.max_tokens
+            left = cap - s.num_tokens
+            return left if budget is None else min(left, budget - s.num_output_tokens)
+
+        first, second, who = 0.0, 0.0, None  # the two largest expected step counts, and whose is the first
+        for s in self.scheduler.running:
+            made = s.num_output_tokens
+            steps = remaining(s) * (made - s.num_accepted_tokens) / made if made else float(remaining(s))
+            if steps > first:
+                first, second, who = steps, first, s
+            elif steps > second:
+                second = steps
+        return [not p and remaining(s) < (second if s is who else first) for s, p in zip(seqs, private)]
 
     def _keep_routed(self, sid: str, start: int, rows: torch.Tensor) -> None:
         chunks = self._routed.setdefault(sid, [])
@@ -586,25 +620,29 @@ class LLM:
                 acc[rid, j] = dict(prompt=p if isinstance(p, str) else None, ids=i, toks=[], lps=[], stream=stream,
                                    done=None, routed=None, want_lps=sp.logprobs is not None)
         pending = len(acc)
-        while pending:
-            for d in self.step():
-                a = acc[d.request_id, d.index]
-                if d.routed_experts is not None:
-                    a["routed"] = d.routed_experts
-                if a["done"] is not None:
-                    continue  # tokens committed in the step that drained our stop-string abort
-                a["toks"] += d.new_token_ids
-                a["lps"] += d.new_logprobs or []
-                stream, reason = a["stream"], d.finish_reason
-                if stream is not None:
-                    stream.push(d.new_token_ids)
-                    if stream.stopped is not None and not d.finished:
-                        self.abort(d.request_id, d.index, reason="stop")
-                if stream is not None and stream.stopped is not None:
-                    reason = "stop"
-                if d.finished or (stream is not None and stream.stopped is not None):
-                    a["done"] = (reason, d.metrics, d.stop_token_id)
-                    pending -= 1
+        self._whole_batch = True
+        try:
+            while pending:
+                for d in self.step():
+                    a = acc[d.request_id, d.index]
+                    if d.routed_experts is not None:
+                        a["routed"] = d.routed_experts
+                    if a["done"] is not None:
+                        continue  # tokens committed in the step that drained our stop-string abort
+                    a["toks"] += d.new_token_ids
+                    a["lps"] += d.new_logprobs or []
+                    stream, reason = a["stream"], d.finish_reason
+                    if stream is not None:
+                        stream.push(d.new_token_ids)
+                        if stream.stopped is not None and not d.finished:
+                            self.abort(d.request_id, d.index, reason="stop")
+                    if stream is not None and stream.stopped is not None:
+                        reason = "stop"
+                    if d.finished or (stream is not None and stream.stopped is not None):
+                        a["done"] = (reason, d.metrics, d.stop_token_id)
+                        pending -= 1
+        finally:
+            self._whole_batch = False
         for d in self._drain():  # the stop-string aborts posted in the last step: only their routed experts
             if d.routed_experts is not None:
                 acc[d.request_id, d.index]["routed"] = d.routed_experts
