@@ -64,7 +64,10 @@ def _minutes(rows: list[dict[str, Any]]) -> float:
 
 
 def model_card(student: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], distill: dict[str, Any],
-               distill_args: dict[str, Any], figures: dict[str, Any], teachers: dict[str, Any] | None) -> str:
+               distill_args: dict[str, Any], figures: dict[str, Any], teachers: dict[str, Any] | None,
+               start: dict[str, Any] | None = None) -> str:
+    """The README of the shipped model; `start`: the `mimo eval` figures of the MOPD run's start when that is
+    not `models/sft-start` but the `student-start` recipe's stage from it."""
     model_cfg = load_model(student, dtype=torch.float32).config
     params = count_parameters(model_cfg)
     acc, al = figures["accuracy"], figures["acceptance_length"]
@@ -83,7 +86,9 @@ def model_card(student: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], d
         f"{params['total'] / 1e6:.1f}M parameters ({model_cfg.n_layers} layers, hidden {model_cfg.dim}, "
         f"{model_cfg.n_experts} routed experts top-{model_cfg.n_active_experts}, {model_cfg.n_mtp_layers} "
         "MTP heads; the shape and tokenizer of every model under `models/`), float32. It is the student of "
-        "multi-teacher on-policy distillation (MOPD) from the SFT start `models/sft-start` with the three "
+        "multi-teacher on-policy distillation (MOPD) from "
+        + ("the SFT start `models/sft-start`" if start is None else "one more SFT stage on `models/sft-start`")
+        + " with the three "
         "domain teachers `models/teachers/{add,reverse,sort}`, its MTP heads then distilled on its own greedy "
         "outputs. It does the three toy chat tasks (`add` and `reverse` with a worked trace in the think "
         "block, `sort` directly) and continues Python code: a demo and test fixture, not a useful assistant.",
@@ -102,12 +107,21 @@ def model_card(student: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], d
               f"earlier default model's card, which was 3.07 after pretraining): **{figures['code_val_loss']:.3f}** "
               f"(code alone {figures['code_only_val_loss']:.3f}).", "",
               "## Recipe", "",
-              "Every stage on one CPU thread (`OMP_NUM_THREADS=1`) of a 2-core machine shared with other jobs.", "",
+              "Every stage on one CPU thread (`OMP_NUM_THREADS=1`) of a 2-core machine shared with other jobs, "
+              "the MTP-head distillation on two.", "",
               "1. **SFT start** `models/sft-start`: recipe `sft-start` (`mimo.train.recipes.sft_start`: pretrain "
               "on stdlib code and task documents, MTP heads, task SFT, the traces, four reverse-only stages, three "
               "mixed stages with the pretraining-mix replay). Its card lists every stage with its command, steps "
               "and time; docs/results/sft-start.md every intermediate figure.",
               "2. **Teachers** `models/teachers/D`, each from `models/sft-start` (docs/results/teachers.md):"]
+    if start is not None:
+        a = start["accuracy"]
+        lines.insert(-1, "   Then the MOPD run's start: recipe `student-start` (`mimo.train.recipes.student_start`: "
+                     "300 more steps of the last mixed stage from `models/sft-start`, new conversations; 31 min on one "
+                     "thread), "
+                     "`mimo sft --recipe student-start --stage mix4 --threads 1`. Greedy held-out accuracy at its "
+                     f"end ({start['n_per_task']} prompts per task, docs/results/student-start.json): "
+                     + ", ".join(f"{t} {a[t]:.3f}" for t in task_lib.TASKS) + ".")
     for d, t in (teachers or {}).items():
         sft_h = t["sft_curve"]["hours"][-1] if t.get("sft_curve") else 0.0
         rl_h = t["rl_curve"]["hours"][-1] if t.get("rl_curve") else 0.0
@@ -117,8 +131,10 @@ def model_card(student: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], d
     lines += [
         f"3. **MOPD** (`mimo.posttrain.mopd`; alpha {alpha}, teacher term `{kl}`), {cfg['steps']} steps of "
         f"{cfg['prompts_per_step']} prompts x {cfg['group_size']} samples at T = {cfg['temperature']}, "
-        f"{rows[-1]['flops']:.3g} FLOPs by the ledger, {_minutes(rows):.0f} min (run `{cfg['out']}` of "
-        "experiments/mopd.py, docs/results/mopd.md):", "", "   ```bash", f"   {mopd_cmd}", "   ```", "",
+        f"{rows[-1]['flops']:.3g} FLOPs by the ledger, {_minutes(rows):.0f} min ("
+        + (f"run `{cfg['out']}` of experiments/mopd.py, docs/results/mopd.md" if start is None else
+           "the settings of experiments/mopd.py's mopd-a0.5 arm, seed 0, docs/results/mopd.md")
+        + "):", "", "   ```bash", f"   {mopd_cmd}", "   ```", "",
         "   Held-out greedy accuracy at its evaluations (" + f"{cfg['eval_n']} prompts per task, seed "
         f"{cfg['seed']}): " + "; ".join(f"step {r['step']}: " + ", ".join(f"{d} {a:.2f}" for d, a in
                                                                          r["eval_accuracy"].items())
@@ -148,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--al-n", type=int, default=64, help="prompts per domain of the acceptance measurement")
     p.add_argument("--docs", default="docs/results", help="al-entropy plot, default-model.json; teachers.json "
                    "is read from here")
+    p.add_argument("--start-eval", help="`mimo eval` JSON of the MOPD run's start, when it is the "
+                   "student-start recipe's stage rather than models/sft-start")
     args = p.parse_args(argv)
     run, out, docs = Path(args.student), Path(args.out), Path(args.docs)
     if not ckpt_io.has_checkpoint(run):
@@ -167,7 +185,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teachers = json.loads(teachers_json.read_text())["teachers"] if teachers_json.is_file() else None
     (tmp / "README.md").write_text(model_card(ckpt, cfg, read_metrics(run), distill,
                                               {"steps": args.distill_steps, "generated": args.generated},
-                                              figures, teachers))
+                                              figures, teachers,
+                                              json.loads(Path(args.start_eval).read_text()) if args.start_eval
+                                              else None))
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "default-model.json").write_text(json.dumps(figures, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)

@@ -75,6 +75,10 @@ def test_stages_chain_in_recipe_order():
     assert stages["think"].seed != stages["sft"].seed  # new conversations, not the first stage's again
     assert stages["think"].sft_data.reasoning and not stages["sft"].sft_data.reasoning
     assert list(get_recipe("tiny")) == ["pretrain", "mtp", "sft"]
+    # the default model's MOPD start: mix3 once more from its export, on new conversations
+    mix4, mix3 = get_stage("student-start", "mix4"), stages["mix3"]
+    assert mix4.init_from == "models/sft-start" and mix4.seed != mix3.seed
+    assert mix4.replace(init_from=mix3.init_from, seed=mix3.seed, out=mix3.out, recipe=mix3.recipe) == mix3
 
 
 def test_task_weights_set_the_shares():
