@@ -88,7 +88,8 @@ def test_adaptive_drafting_off_verifies_every_draft():
     outs = {a: LLM(num_speculative_tokens=3, adaptive_drafting=a).generate(prompt, sp)[0] for a in (True, False)}
     assert outs[True].token_ids == outs[False].token_ids
     fixed, adaptive = outs[False].metrics, outs[True].metrics
-    assert fixed.num_drafted == 3 * fixed.num_verify_steps > 0
+    # every verify step carries all 3, but for the last ones, capped by the tokens left in the budget
+    assert 3 * fixed.num_verify_steps - 3 <= fixed.num_drafted <= 3 * fixed.num_verify_steps
     assert adaptive.num_drafted < 3 * adaptive.num_verify_steps
 
 

@@ -3,6 +3,7 @@ the correct samples' response tokens only; a debug run samples from the domain's
 teacher sample to the ledger (the rejected ones too), takes exactly one plain SFT step on the kept rows, and
 resumes exactly."""
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -91,9 +92,9 @@ def test_config_needs_a_teacher_per_domain():
 # ---- a debug run -----------------------------------------------------------------------------------------------
 
 def _verifier(ex, completion: str) -> float:
-    """'Correct' when the completion's length is even: a deterministic mix of kept and rejected samples
-    (at debug size the real verifiers accept nearly nothing)."""
-    return float(len(completion) % 2 == 0)
+    """'Correct' when the first byte of the completion's SHA-256 is even: a deterministic mix of kept and
+    rejected samples whatever the model writes (at debug size the real verifiers accept nearly nothing)."""
+    return float(hashlib.sha256(completion.encode()).digest()[0] % 2 == 0)
 
 
 def _cfg(out: Path, teacher: Path, **kw) -> mopd.TeacherSFTConfig:
