@@ -499,9 +499,7 @@ class LLM:
         # only, so its tokens do not depend on the batch or on timing
         private = [s.sampling_params.seed is not None and not s.sampling_params.is_greedy for s in seqs]
         mode = None if all(private) or len(seqs) < DraftGuard.MIN_BATCH else self._guard.mode(len(seqs))
-        skip = self._off_critical_path(seqs, private)
-        if mode is False:
-            skip = [not p for p in private]
+        skip = [not p for p in private] if mode is False else self._off_critical_path(seqs, private)
         if any(skip):  # they skip the round whole (their last drafts' outcome is folded in later)
             for st, k in zip(states, skip):
                 if k:
