@@ -425,4 +425,4 @@ class ModelRunner:
                 m = max(more(i, 0, 1.0, 1.0, st.ests), min(1, len(st.drafts)) if st.probe_due else 0)
                 st.drafts, st.probs, st.ests = st.drafts[:m], st.probs[:m], st.ests[:m]
                 if nd > 0:  # skipped rounds counted in wants_round
-                    states[i].dry = 0 if states[i].drafts else states[i].dry + 1
+                    st.dry = 0 if st.drafts else st.dry + 1

@@ -133,8 +133,9 @@ def teacher_sft(out: str = "runs/teacher-sft") -> dict[str, TrainConfig]:
 def student_start(out: str = "runs/student-start") -> dict[str, TrainConfig]:
     """The start of the default model's MOPD run: `models/sft-start` (mix3's step 300, add 0.75 greedy and
     still climbing) trained 300 more steps as mix3, on new conversations. Measured on 300 held-out prompts per
-    task: add 0.96, reverse 0.84, sort 0.97. mix5 trains it 300 steps more, weighted to reverse: add 0.977,
-    reverse 0.910, sort 0.977. The MOPD experiment and the teachers start from models/sft-start."""
+    task: add 0.96, reverse 0.84, sort 0.97. mix5 trains it 300 steps more, weighted to reverse (committed as
+    models/student-mix5): add 0.977, reverse 0.910, sort 0.977. The MOPD experiment
+    and the teachers start from models/sft-start."""
     mix3 = sft_start()["mix3"]
     mix4 = mix3.replace(recipe="student-start", out=f"{out}/mix4", init_from="models/sft-start", seed=6)
     # mix4 (committed as models/student-start) left reverse at 0.84 against its teacher's 0.91, which the
