@@ -210,7 +210,7 @@ def _exact_joint(model, prompt, length, temperature, top_k=None, top_p=None):
     with torch.no_grad():
         for _ in range(length):
             logits = model(torch.tensor([prompt + p for p in prefixes]))[:, -1]
-            step = torch.softmax(filter_logits(logits / temperature, top_k, top_p), -1)  # [P, V]
+            step = torch.softmax(filter_logits(logits / temperature, top_k, top_p, reference=True), -1)  # [P, V]
             joint = (joint[:, None] * step).reshape(-1)
             prefixes = [p + [a] for p in prefixes for a in range(V)]
     return joint

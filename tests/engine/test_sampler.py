@@ -189,6 +189,43 @@ def test_per_row_filter_equals_scalar_filter_row_by_row():
     assert torch.equal(filter_logits(logits, None, None), logits)
 
 
+def test_top_p_from_candidates_equals_sorting_the_vocabulary(monkeypatch):
+    """The topk fast path of top-p gives the sort's result; rows where it cannot be sure (nucleus beyond the
+    candidates, ties among them or at their edge) fall back to the sort."""
+    from mimo.model import transformer
+
+    g = torch.Generator().manual_seed(0)
+    V, C = 1000, 64
+    monkeypatch.setattr(transformer, "NUCLEUS_CANDIDATES", C)
+    peaked = torch.randn(8, V, generator=g) * 4  # nuclei of a few tokens: the fast path
+    flat = torch.randn(8, V, generator=g) * 0.1  # nuclei of hundreds of tokens: beyond the candidates
+    tied = peaked.clone()  # the two best tied: with top_p 0.5 the sort keeps the lower id alone
+    tied[:, 7] = tied[:, 900] = tied.max(-1).values + 3
+    edge = peaked.clone()
+    edge[:, :2] = edge.topk(C, dim=-1).values[:, -1:]  # two more logits equal to the last candidate's
+    for name, x in (("peaked", peaked), ("flat", flat), ("tied", tied), ("edge", edge)):
+        for p in (0.5, 0.9, 0.95):
+            fast, ref = transformer.filter_logits(x, None, p), transformer.filter_logits(x, None, p, reference=True)
+            assert torch.equal(fast.isinf(), ref.isinf()), (name, p)
+            assert torch.equal(fast[~fast.isinf()], ref[~ref.isinf()]), (name, p)
+    # the fast path decides the peaked rows alone, and only them
+    assert transformer._nucleus_of_candidates(peaked, torch.full((8,), 0.9)) is not None
+    for x in (flat, tied, edge):
+        assert transformer._nucleus_of_candidates(x, torch.full((8,), 0.9)) is None
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    from mimo.model.transformer import draw
+
+    probs = torch.tensor([0.3, 0.0, 0.45, 0.0, 0.25]) * 2  # totals need not be 1
+    g = torch.Generator().manual_seed(0)
+    tokens = [draw(probs, g) for _ in range(4000)]
+    assert tokens.count(1) == tokens.count(3) == 0
+    for t, p in ((0, 0.3), (2, 0.45), (4, 0.25)):
+        assert abs(tokens.count(t) / 4000 - p) < 5 * math.sqrt(p * (1 - p) / 4000)
+    assert draw(torch.tensor([0.0, 0.0, 1.0, 0.0]), g) == 2
+
+
 def test_engine_sampling_equals_the_reference_generate_with_top_k_and_top_p():
     """Same seed, same filter, one draw per token: the engine (MTP off) reproduces the model's slow `generate`."""
     from mimo.engine import LLM

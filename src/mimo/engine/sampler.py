@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mimo.engine.config import GREEDY_EPS, SamplingParams
-from mimo.model.transformer import filter_logits
+from mimo.model.transformer import draw, filter_logits
 
 _Param = float | int | None | torch.Tensor
 
@@ -85,7 +85,7 @@ def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = N
     """
     if generator is not None and probs.device != generator.device:
         probs = probs.to(generator.device)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    return draw(probs, generator)
 
 
 def uniform(generator: torch.Generator | None, device: torch.device) -> float:

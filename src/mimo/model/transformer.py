@@ -171,8 +171,34 @@ def _per_row(x, n: int, default, dtype: torch.dtype, device: torch.device) -> to
     return torch.full((n,), default if x is None else x, dtype=dtype, device=device)
 
 
+# Sampling one token at temperature 0.7 / top-p 0.95 from the default model's 4,096-token vocabulary, one
+# thread: sorting it took 260 us of the sampler's ~900 (a plain decode step is ~6,500), topk(1024) 33 us. The
+# default model's nucleus on code at that temperature: under 256 tokens at half the steps, under 1,024 at 3 in 4
+NUCLEUS_CANDIDATES = 1024
+NUCLEUS_MARGIN = 1e-4  # mass beyond top_p the candidates must hold, so float rounding cannot reach past them
+
+
+def _nucleus_of_candidates(x_NV: torch.Tensor, p_N: torch.Tensor) -> torch.Tensor | None:
+    """Top-p of every row from its C largest logits, or None when that might differ from sorting the row.
+
+    The same as the sort when (a) the mass before the last candidate reaches top_p (with `NUCLEUS_MARGIN`), so
+    it and every token after it are dropped, whatever the order of ties among them; (b) no two candidates tie,
+    so the kept ones are in the sort's order (a stable sort puts tied tokens in index order, topk in no
+    promised order). Example, C = 2, probs [0.1, 0.6, 0.3] (over all V), top_p 0.5: candidates [1, 2], mass
+    before the last 0.6 >= 0.5; mass before each [0, 0.6] -> token 1 alone kept.
+    """
+    C = NUCLEUS_CANDIDATES
+    vals_NC, idx_NC = x_NV.topk(C, dim=-1)
+    ps_NC = torch.exp(vals_NC - torch.logsumexp(x_NV, dim=-1, keepdim=True))
+    cum_NC = torch.cumsum(ps_NC, dim=-1)
+    if bool((cum_NC[:, -2] < p_N + NUCLEUS_MARGIN).any()) or bool((vals_NC[:, 1:] == vals_NC[:, :-1]).any()):
+        return None
+    kept_NC = vals_NC.masked_fill(cum_NC - ps_NC >= p_N[:, None], float("-inf"))
+    return torch.full_like(x_NV, float("-inf")).scatter_(-1, idx_NC, kept_NC)
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | torch.Tensor | None = None,
-                  top_p: float | torch.Tensor | None = None) -> torch.Tensor:
+                  top_p: float | torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
     """Mask (to -inf) everything outside the top-k, then outside the top-p nucleus; logits [..., V].
 
     The one definition of top-k / top-p: the reference `generate` here and the engine's sampler both use it.
@@ -182,6 +208,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | torch.Tensor | None = None,
     their mass reaches top_p: a token is dropped when the mass sorted before it already reaches top_p, so the
     most likely token always stays. Example, probs [0.5, 0.3, 0.2], top_p 0.7: mass before each token
     [0, 0.5, 0.8] -> the first two are kept.
+
+    Top-p alone is first tried on the `NUCLEUS_CANDIDATES` largest logits (`_nucleus_of_candidates`), which
+    sorting the whole vocabulary gives the same result as; `reference` always sorts.
     """
     V = logits.shape[-1]
     x_NV = logits.reshape(-1, V)
@@ -192,6 +221,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | torch.Tensor | None = None,
     use_k, use_p = bool(k_on.any()), bool(p_on.any())
     if not (use_k or use_p):
         return logits
+    if not reference and not use_k and V > NUCLEUS_CANDIDATES and bool(p_on.all()):
+        out = _nucleus_of_candidates(x_NV, p_N)
+        if out is not None:
+            return out.reshape(logits.shape)
     sorted_NV, idx_NV = x_NV.sort(dim=-1, descending=True, stable=True)
     drop_NV = torch.zeros_like(sorted_NV, dtype=torch.bool)
     if use_k:
@@ -204,6 +237,19 @@ def filter_logits(logits: torch.Tensor, top_k: int | torch.Tensor | None = None,
         drop_NV |= (before_NV >= p_N[:, None]) & p_on[:, None]
     out = torch.empty_like(x_NV).scatter_(-1, idx_NV, sorted_NV.masked_fill(drop_NV, float("-inf")))
     return out.reshape(logits.shape)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One token from probabilities [V] (any positive total) by inverse CDF: one U[0, 1) draw u, then the first
+    token whose cumulative mass exceeds u times the total. A zero-probability token is never drawn: its
+    cumulative mass equals the one before it. Example, probs [0.2, 0, 0.8], u 0.5: cumulative [0.2, 0.2, 1.0]
+    -> token 2. torch.multinomial took 175 us for one draw over 4,096 ids on one thread; this ~15.
+    The one draw rule: the reference `generate` and the engine's sampler both use it."""
+    cdf = probs.cumsum(0)
+    u = torch.rand((), generator=generator, device=probs.device)
+    i = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+    # u * total can round up to the total itself: then the last token with mass
+    return i if i < probs.shape[0] else int(probs.nonzero()[-1])
 
 
 @torch.no_grad()
@@ -219,8 +265,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
         if temperature == 0.0:
             nxt = int(logits.argmax())
         else:
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
+            probs = filter_logits(logits / temperature, top_k, top_p, reference=True).softmax(-1)
+            nxt = draw(probs, gen)
         ids.append(nxt)
         out.append(nxt)
         if eos_token_id is not None and nxt == eos_token_id:
