@@ -63,11 +63,28 @@ def _minutes(rows: list[dict[str, Any]]) -> float:
     return (rows[-1]["time"] - rows[0]["time"]) / 60
 
 
+# the `student-start` recipe's stages in order: (stage, committed model, what it trains, minutes, its eval JSON)
+START_STAGES = (
+    ("mix4", "models/student-start", "300 more steps of the last mixed stage from `models/sft-start`, new "
+     "conversations", 31, "docs/results/student-start.json"),
+    ("mix5", "models/student-mix5", "300 steps more, weighted to reverse", 28, "docs/results/student-mix5.json"),
+)
+
+
+def start_evals(init_from: str, docs: Path) -> list[dict[str, Any]]:
+    """The `mimo eval` figures of each student-start stage up to `init_from` (none when the MOPD run starts
+    elsewhere, e.g. from models/sft-start)."""
+    models = [m for _, m, *_ in START_STAGES]
+    if init_from not in models:
+        return []
+    return [json.loads((docs / Path(js).name).read_text()) for *_, js in START_STAGES[:models.index(init_from) + 1]]
+
+
 def model_card(student: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], distill: dict[str, Any],
                distill_args: dict[str, Any], figures: dict[str, Any], teachers: dict[str, Any] | None,
-               start: dict[str, Any] | None = None) -> str:
-    """The README of the shipped model; `start`: the `mimo eval` figures of the MOPD run's start when that is
-    not `models/sft-start` but the `student-start` recipe's stage from it."""
+               starts: list[dict[str, Any]] | None = None) -> str:
+    """The README of the shipped model; `starts`: the `mimo eval` figures of each `student-start` stage up to
+    the MOPD run's start (`START_STAGES`), when that is not `models/sft-start`."""
     model_cfg = load_model(student, dtype=torch.float32).config
     params = count_parameters(model_cfg)
     acc, al = figures["accuracy"], figures["acceptance_length"]
@@ -87,7 +104,8 @@ def model_card(student: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], d
         f"{model_cfg.n_experts} routed experts top-{model_cfg.n_active_experts}, {model_cfg.n_mtp_layers} "
         "MTP heads; the shape and tokenizer of every model under `models/`), float32. It is the student of "
         "multi-teacher on-policy distillation (MOPD) from "
-        + ("the SFT start `models/sft-start`" if start is None else "one more SFT stage on `models/sft-start`")
+        + ("the SFT start `models/sft-start`" if not starts else
+           f"{len(starts)} more SFT stage{'s' * (len(starts) > 1)} on `models/sft-start`")
         + " with the three "
         "domain teachers `models/teachers/{add,reverse,sort}`, its MTP heads then distilled on its own greedy "
         "outputs. It does the three toy chat tasks (`add` and `reverse` with a worked trace in the think "
@@ -114,14 +132,14 @@ def model_card(student: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], d
               "mixed stages with the pretraining-mix replay). Its card lists every stage with its command, steps "
               "and time; docs/results/sft-start.md every intermediate figure.",
               "2. **Teachers** `models/teachers/D`, each from `models/sft-start` (docs/results/teachers.md):"]
-    if start is not None:
-        a = start["accuracy"]
-        lines.insert(-1, "   Then the MOPD run's start: recipe `student-start` (`mimo.train.recipes.student_start`: "
-                     "300 more steps of the last mixed stage from `models/sft-start`, new conversations; 31 min on one "
-                     "thread), "
-                     "`mimo sft --recipe student-start --stage mix4 --threads 1`. Greedy held-out accuracy at its "
-                     f"end ({start['n_per_task']} prompts per task, docs/results/student-start.json): "
-                     + ", ".join(f"{t} {a[t]:.3f}" for t in task_lib.TASKS) + ".")
+    if starts:
+        stages = "; then ".join(
+            f"`mimo sft --recipe student-start --stage {stage} --threads 1` ({what}; {minutes} min on one thread, "
+            f"committed as `{model}`; greedy held-out accuracy at its end, {e['n_per_task']} prompts per task, "
+            f"{js}: " + ", ".join(f"{t} {e['accuracy'][t]:.3f}" for t in task_lib.TASKS) + ")"
+            for (stage, model, what, minutes, js), e in zip(START_STAGES, starts))
+        lines.insert(-1, "   Then the MOPD run's start, recipe `student-start` (`mimo.train.recipes.student_start`): "
+                     + stages + ".")
     for d, t in (teachers or {}).items():
         sft_h = t["sft_curve"]["hours"][-1] if t.get("sft_curve") else 0.0
         rl_h = t["rl_curve"]["hours"][-1] if t.get("rl_curve") else 0.0
@@ -132,7 +150,7 @@ def model_card(student: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], d
         f"3. **MOPD** (`mimo.posttrain.mopd`; alpha {alpha}, teacher term `{kl}`), {cfg['steps']} steps of "
         f"{cfg['prompts_per_step']} prompts x {cfg['group_size']} samples at T = {cfg['temperature']}, "
         f"{rows[-1]['flops']:.3g} FLOPs by the ledger, {_minutes(rows):.0f} min ("
-        + (f"run `{cfg['out']}` of experiments/mopd.py, docs/results/mopd.md" if start is None else
+        + (f"run `{cfg['out']}` of experiments/mopd.py, docs/results/mopd.md" if not starts else
            "the settings of experiments/mopd.py's mopd-a0.5 arm, seed 0, docs/results/mopd.md")
         + "):", "", "   ```bash", f"   {mopd_cmd}", "   ```", "",
         "   Held-out greedy accuracy at its evaluations (" + f"{cfg['eval_n']} prompts per task, seed "
@@ -164,8 +182,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--al-n", type=int, default=64, help="prompts per domain of the acceptance measurement")
     p.add_argument("--docs", default="docs/results", help="al-entropy plot, default-model.json; teachers.json "
                    "is read from here")
-    p.add_argument("--start-eval", help="`mimo eval` JSON of the MOPD run's start, when it is the "
-                   "student-start recipe's stage rather than models/sft-start")
     args = p.parse_args(argv)
     run, out, docs = Path(args.student), Path(args.out), Path(args.docs)
     if not ckpt_io.has_checkpoint(run):
@@ -185,13 +201,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teachers = json.loads(teachers_json.read_text())["teachers"] if teachers_json.is_file() else None
     (tmp / "README.md").write_text(model_card(ckpt, cfg, read_metrics(run), distill,
                                               {"steps": args.distill_steps, "generated": args.generated},
-                                              figures, teachers,
-                                              json.loads(Path(args.start_eval).read_text()) if args.start_eval
-                                              else None))
+                                              figures, teachers, start_evals(cfg["init_from"], docs)))
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "default-model.json").write_text(json.dumps(figures, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    al_json = docs / "al-entropy.json"  # measured on OUT.tmp, which is now OUT
+    al_json.write_text(json.dumps({**json.loads(al_json.read_text()), "model": str(out)}, indent=2) + "\n")
     return figures
 
 

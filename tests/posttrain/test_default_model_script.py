@@ -30,6 +30,7 @@ def test_student_ships_with_new_heads_and_a_true_card(tmp_path):
     assert (out / "tokenizer.json").is_file()
     assert json.loads((docs / "default-model.json").read_text()) == json.loads(json.dumps(figures))
     assert (docs / "al-entropy.png").is_file()
+    assert json.loads((docs / "al-entropy.json").read_text())["model"] == str(out)
     card = (out / "README.md").read_text()
     acc, al = figures["accuracy"], figures["acceptance_length"]
     assert "code" in al  # code continuations always decode
@@ -42,3 +43,11 @@ def test_student_ships_with_new_heads_and_a_true_card(tmp_path):
     with pytest.raises(SystemExit):  # not a MOPD run: refused before anything is written
         exp.main(["--student", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"), "--docs", str(docs)])
     assert not (tmp_path / "x").exists()
+
+
+def test_start_evals_lists_the_student_start_stages_up_to_the_mopd_start(tmp_path):
+    for i, (_, _, _, _, js) in enumerate(exp.START_STAGES):
+        (tmp_path / js.split("/")[-1]).write_text(json.dumps({"n_per_task": 3, "accuracy": {"add": i}}))
+    assert exp.start_evals("models/sft-start", tmp_path) == []
+    assert [e["accuracy"]["add"] for e in exp.start_evals("models/student-start", tmp_path)] == [0]
+    assert [e["accuracy"]["add"] for e in exp.start_evals("models/student-mix5", tmp_path)] == [0, 1]

@@ -108,8 +108,8 @@ def run(config: ServeConfig) -> int:
           f"try:  curl {url}/v1/chat/completions{key} -H 'Content-Type: application/json' -d '{body}'", flush=True)
     if config.model is None:
         print("note: the bundled mimo-tiny is a ~10M-parameter demo model trained on this project's CPU: it "
-              "continues Python-like text and attempts add / reverse / sort, often wrongly (see its model card)",
-              flush=True)
+              "answers its toy tasks ('add 198 905', 'reverse abcdef', 'sort 4 8 7 6') right about 9 times in "
+              "10, continues Python-like text, and talks nonsense otherwise (see its model card)", flush=True)
     server.run(sockets=[sock])
     print("mimo: stopped", flush=True)
     return 0
