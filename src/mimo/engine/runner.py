@@ -61,10 +61,19 @@ DECAY = 0.9  # per verify step, for a request's factor: about its last ten steps
 HEAD_DECAY = 0.98  # per examined draft, for a head's calibration (all requests): about the last fifty per bucket
 BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)  # head-probability buckets of the calibration
 PRIOR_RATE = 0.7  # acceptance a bucket and a new request's blocks start from: high enough that they draft
+# pseudo-drafts of PRIOR_RATE each bucket starts from: with one, a few rejections of a poor request sank a
+# rarely seen bucket to 0.35 and the next requests, whose drafts there were accepted, stopped drafting
+BUCKET_PRIOR = 4.0
 FIRST_DECAY = 0.7  # per round, for a request's estimate of a block's draft: a probe that pays resumes soon
 RETRY = 0.05  # per skipped block: how fast a block's low estimate drifts back up so the block is retried
 PRIOR = 2.0  # pseudo-drafts a request's factor starts from (factor 1)
-PROBE_EVERY = 16  # steps without a draft after which a request proposes one anyway (a probe costs ~0.6 steps)
+# steps without a draft after which a request proposes one anyway (a probe costs ~0.6 steps). With 16 (and one
+# pseudo-draft per bucket) a code request that met two rejections early drafted 4 times in 64 tokens where
+# three drafts every step were accepted 1.4-2.3 a step. Default model, greedy, batch 1, step costs modelled
+# from draft_floor over the drafts and blocks actually run: 16 -> 6 (with BUCKET_PRIOR 1 -> 4) took code from
+# 1.17x to 1.24x MTP off on the benchmark's prompts and 1.06x -> 1.18x on 12 held-out stdlib prefixes, chat
+# tasks 1.03x -> 1.05x and 1.08x -> 1.09x; timed at 16 and 64 requests the change was within the noise
+PROBE_EVERY = 6
 # the batch a seeded sampled request's costs assume: fixed, its tokens must not depend on it; the largest the
 # benchmark runs, since sampled drafts are accepted less (temperature 0.7 code, one draft: 0.90x at batch 1)
 SEEDED_BATCH = 64
@@ -254,7 +263,8 @@ class ModelRunner:
         # per head and head-probability bucket: decayed (accepted, examined) drafts over all requests, from an
         # optimistic prior; the heads' probabilities are not acceptance rates (distilled heads are
         # underconfident: probability-0.2 drafts were accepted 9 times in 10 on code, 4 in 10 on chat tasks)
-        self.calib = [[[PRIOR_RATE, 1.0] for _ in range(len(BUCKETS) + 1)] for _ in range(model.n_mtp)]
+        self.calib = [[[PRIOR_RATE * BUCKET_PRIOR, BUCKET_PRIOR] for _ in range(len(BUCKETS) + 1)]
+                      for _ in range(model.n_mtp)]
 
     def forward(self, items: list[tuple[Sequence, int, list[int]]], routing=None) -> torch.Tensor:
         """items: (seq, start position, query token ids). Returns pre-norm hidden states [N, D]; `routing`
