@@ -67,13 +67,14 @@ BUCKET_PRIOR = 4.0
 FIRST_DECAY = 0.7  # per round, for a request's estimate of a block's draft: a probe that pays resumes soon
 RETRY = 0.05  # per skipped block: how fast a block's low estimate drifts back up so the block is retried
 PRIOR = 2.0  # pseudo-drafts a request's factor starts from (factor 1)
-# steps without a draft after which a request proposes one anyway (a probe costs ~0.6 steps). With 16 (and one
-# pseudo-draft per bucket) a code request that met two rejections early drafted 4 times in 64 tokens where
-# three drafts every step were accepted 1.4-2.3 a step. Default model, greedy, batch 1, step costs modelled
-# from draft_floor over the drafts and blocks actually run: 16 -> 6 (with BUCKET_PRIOR 1 -> 4) took code from
-# 1.17x to 1.24x MTP off on the benchmark's prompts and 1.06x -> 1.18x on 12 held-out stdlib prefixes, chat
-# tasks 1.03x -> 1.05x and 1.08x -> 1.09x; timed at 16 and 64 requests the change was within the noise
-PROBE_EVERY = 6
+# steps without a draft after which a request proposes one anyway (a probe costs ~0.6 steps at batch 1), below
+# DraftGuard.MIN_BATCH and from it. With 16 (and one pseudo-draft per bucket) a code request that met two
+# rejections early drafted 4 times in 64 tokens where three drafts every step were accepted 1.4-2.3 a step.
+# Default model, greedy, batch 1, step costs modelled from draft_floor over the drafts and blocks actually run:
+# 16 -> 6 (with BUCKET_PRIOR 1 -> 4) took code from 1.17x to 1.24x MTP off on the benchmark's prompts and
+# 1.06x -> 1.18x on 12 held-out stdlib prefixes, chat tasks 1.03x -> 1.05x and 1.08x -> 1.09x. At 64
+# requests, timed in four interleaved rounds, 6 lost: chat tasks 0.98x -> 0.89x MTP off, sampled 0.96x -> 0.93x
+PROBE_EVERY = (6, 16)
 # the batch a seeded sampled request's costs assume: fixed, its tokens must not depend on it; the largest the
 # benchmark runs, since sampled drafts are accepted less (temperature 0.7 code, one draft: 0.90x at batch 1)
 SEEDED_BATCH = 64
@@ -192,6 +193,7 @@ class MTPState:
     mean_a: list[float] = field(default_factory=list)
     seen: tuple[int, int, int] | None = None  # the sequence's (verify steps, drafted, accepted) folded in
     dry: int = 0  # steps in a row that proposed no draft (skipped rounds, or a first draft below the rule)
+    probe_every: int = PROBE_EVERY[0]  # set each round from the batch (PROBE_EVERY)
 
     def append(self, start: int, rows: torch.Tensor, keep_from: int) -> None:
         """Add hidden rows of positions [start, start + len(rows)), dropping rows before keep_from."""
@@ -226,9 +228,9 @@ class MTPState:
 
     @property
     def probe_due(self) -> bool:
-        """No draft was verified for PROBE_EVERY steps: propose the first one whatever its estimate, or a
+        """No draft was verified for `probe_every` steps: propose the first one whatever its estimate, or a
         low estimate would never be tested again (nothing verified, nothing learnt)."""
-        return self.dry >= PROBE_EVERY
+        return self.dry >= self.probe_every
 
     def wants_round(self, pays: bool) -> bool:
         """Whether to draft this step: the expected chain pays for its cost (`pays`), or a probe is due."""
@@ -342,6 +344,7 @@ class ModelRunner:
                     for j, c, ok in examined:
                         h = self.calib[j][bisect.bisect(BUCKETS, c)]
                         h[0], h[1] = HEAD_DECAY * h[0] + ok, HEAD_DECAY * h[1] + 1
+                st.probe_every = PROBE_EVERY[(SEEDED_BATCH if own[i] else len(seqs)) >= DraftGuard.MIN_BATCH]
                 if not st.wants_round(more(i, 0, 1.0, 1.0, st.mean_a[:num_drafts[i]]) > 0):
                     num_drafts[i] = 0
         los: list[list[int]] = []  # per sequence, per block
