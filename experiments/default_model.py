@@ -95,7 +95,7 @@ def model_card(student: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], d
                 f"--eval-n {cfg['eval_n']} --seed {cfg['seed']} --out runs/mopd --threads 1")
     distill_cmd = (f"mimo distill-mtp --model runs/mopd/checkpoints/step_{cfg['steps']:06d} "
                    f"--out models/mimo-tiny --steps {distill_args['steps']} --generated {distill_args['generated']} "
-                   "--threads 1")
+                   f"--batch-size {distill_args['batch_size']} --threads 1")
     evals = [r for r in rows if "eval_accuracy" in r]
     lines = [
         "# mimo-tiny", "",
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--student", required=True, help="the MOPD run directory whose last checkpoint ships")
     p.add_argument("--out", required=True, help="the model directory written (e.g. src/mimo/models/mimo-tiny)")
     p.add_argument("--distill-steps", type=int, default=400)
+    p.add_argument("--distill-batch-size", type=int, default=16, help="rows of each distillation batch "
+                   "(and of its 4 validation batches)")
     p.add_argument("--generated", type=float, default=0.5, help="share of each distillation batch that is the "
                    "student's own greedy code continuations")
     p.add_argument("--eval-n", type=int, default=300)
@@ -193,14 +195,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
-    distill = distill_mtp.run(str(ckpt), str(tmp), args.distill_steps, generated=args.generated)
+    distill = distill_mtp.run(str(ckpt), str(tmp), args.distill_steps, batch_size=args.distill_batch_size,
+                              generated=args.generated)
     distill["seconds"] = round(time.perf_counter() - t0, 1)
     figures = {"student": str(ckpt), "eval_n": args.eval_n, **measure(tmp, args.eval_n, args.al_n, docs),
                "distill": distill}
     teachers_json = docs / "teachers.json"
     teachers = json.loads(teachers_json.read_text())["teachers"] if teachers_json.is_file() else None
     (tmp / "README.md").write_text(model_card(ckpt, cfg, read_metrics(run), distill,
-                                              {"steps": args.distill_steps, "generated": args.generated},
+                                              {"steps": args.distill_steps, "generated": args.generated,
+                                               "batch_size": args.distill_batch_size},
                                               figures, teachers, start_evals(cfg["init_from"], docs)))
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "default-model.json").write_text(json.dumps(figures, indent=2) + "\n")

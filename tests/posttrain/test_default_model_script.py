@@ -19,8 +19,9 @@ def test_student_ships_with_new_heads_and_a_true_card(tmp_path):
     run(mopd.preset("debug", init_from=str(DEFAULT_MODEL), out=str(student), domains=("add",),
                     teachers=(("add", "self"),), progress=False))
     out, docs = tmp_path / "mimo-tiny", tmp_path / "docs"
-    figures = exp.main(["--student", str(student), "--out", str(out), "--distill-steps", "2", "--generated", "0",
-                        "--eval-n", "2", "--al-n", "2", "--docs", str(docs)])
+    figures = exp.main(["--student", str(student), "--out", str(out), "--distill-steps", "2",
+                        "--distill-batch-size", "4", "--generated", "0", "--eval-n", "2", "--al-n", "2",
+                        "--docs", str(docs)])
     assert not out.with_name(out.name + ".tmp").exists()
     before = load_file(ckpt_io.find_checkpoint(student) / "model.safetensors")
     after = load_file(out / "model.safetensors")
@@ -39,6 +40,7 @@ def test_student_ships_with_new_heads_and_a_true_card(tmp_path):
         assert f"| {t} {cells} {f'{al[t]:.2f}' if t in al else '-'} |" in card
     assert f"**{figures['code_val_loss']:.3f}**" in card
     assert f"--init-from {DEFAULT_MODEL} --teacher add=self --alpha 0.5" in card and "--steps 2 " in card
+    assert "--generated 0.0 --batch-size 4 --threads 1" in card
 
     with pytest.raises(SystemExit):  # not a MOPD run: refused before anything is written
         exp.main(["--student", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"), "--docs", str(docs)])
