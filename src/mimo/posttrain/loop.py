@@ -523,7 +523,6 @@ def run(cfg: RLConfig, resume: str | Path | None = None, stop_after: int | None 
             bar.close()
         if log is not None:
             log.close()
-    if dist_info.is_main:
-        plot_curves(out)
+    # the curves were drawn by the last save (every run saves at its end step, after logging it)
     return {"step": end, "checkpoint": str(last_ckpt) if last_ckpt else None, "last": last,
             "flops": ledger.total, "model": model, "tokenizer": tokenizer}
