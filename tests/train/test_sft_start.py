@@ -79,6 +79,12 @@ def test_stages_chain_in_recipe_order():
     mix4, mix3 = get_stage("student-start", "mix4"), stages["mix3"]
     assert mix4.init_from == "models/sft-start" and mix4.seed != mix3.seed
     assert mix4.replace(init_from=mix3.init_from, seed=mix3.seed, out=mix3.out, recipe=mix3.recipe) == mix3
+    # then the current default's start: from mix4's export, new conversations, reverse the largest share
+    mix5 = get_stage("student-start", "mix5")
+    assert mix5.init_from == "models/student-start" and mix5.seed not in (mix3.seed, mix4.seed)
+    weights = dict(mix5.sft_data.task_weights)
+    assert set(weights) == set(task_lib.TASKS) and max(weights, key=weights.get) == "reverse"
+    assert mix5.lr < mix4.lr and mix5.steps == mix4.steps
 
 
 def test_task_weights_set_the_shares():
