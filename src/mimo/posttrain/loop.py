@@ -347,7 +347,8 @@ def plot_curves(run_dir: str | Path) -> Path | None:
         ax.set_xlabel("step" if ax is not axes[1, 1] else "FLOPs")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(Path(run_dir).name)
-    fig.tight_layout()
+    # fixed margins: tight_layout was half of the ~1 s a plot took, and runs plot at every save
+    fig.subplots_adjust(left=0.05, right=0.985, bottom=0.09, top=0.9, wspace=0.22, hspace=0.42)
     out = Path(run_dir) / PLOT_FILE
     fig.savefig(out, dpi=100)
     plt.close(fig)
