@@ -2,7 +2,8 @@
 and written with a model card that states the whole recipe.
 
     python -m experiments.default_model --student runs/mopd-exp/mopd-a0.5/seed0 --out src/mimo/models/mimo-tiny
-        [--distill-steps 400] [--generated 0.5] [--eval-n 300] [--al-n 64] [--docs docs/results]
+        [--distill-steps 400] [--distill-batch-size 16] [--generated 0.5] [--eval-n 300] [--al-n 64]
+        [--docs docs/results]
 
 The student run's last checkpoint goes through `mimo.train.distill_mtp.run` (the heads only: trunk, embedding
 and lm_head frozen, so the main model's outputs do not change) into OUT.tmp, which is then measured: greedy

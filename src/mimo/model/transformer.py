@@ -243,7 +243,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
     """One token from probabilities [V] (any positive total) by inverse CDF: one U[0, 1) draw u, then the first
     token whose cumulative mass exceeds u times the total. A zero-probability token is never drawn: its
     cumulative mass equals the one before it. Example, probs [0.2, 0, 0.8], u 0.5: cumulative [0.2, 0.2, 1.0]
-    -> token 2. torch.multinomial took 175 us for one draw over 4,096 ids on one thread; this ~15.
+    -> token 2. One draw over 4,096 ids, one thread, side by side: torch.multinomial 162-197 us, this 25-36.
     The one draw rule: the reference `generate` and the engine's sampler both use it."""
     cdf = probs.cumsum(0)
     u = torch.rand((), generator=generator, device=probs.device)

@@ -17,8 +17,8 @@ Stages run in the order of the recipe's dict; each later stage starts from the p
   with the code replay: its result is `models/sft-start`, the single SFT start that RL and MOPD begin from
   (docs/results/sft-start.md).
 - `teacher-sft`: one independent SFT stage per domain from `models/sft-start`, the first half of a teacher.
-- `student-start`: one more mixed stage from `models/sft-start` (mix4, the start of the default model's MOPD
-  run), then mix5 from it, weighted to reverse.
+- `student-start`: one more mixed stage from `models/sft-start` (mix4, the previous default model's MOPD
+  start), then mix5 from it, weighted to reverse (the current default model's MOPD start).
 
 Why these numbers (tiny), measured on a 2-core machine shared with four other jobs, 1 thread per process:
 - pretrain: ~900 training tokens/s, so 420 steps of 16 x 256 tokens (1.7M tokens, ~0.4 epoch of the stdlib +
@@ -131,11 +131,11 @@ def teacher_sft(out: str = "runs/teacher-sft") -> dict[str, TrainConfig]:
 
 
 def student_start(out: str = "runs/student-start") -> dict[str, TrainConfig]:
-    """The start of the default model's MOPD run: `models/sft-start` (mix3's step 300, add 0.75 greedy and
-    still climbing) trained 300 more steps as mix3, on new conversations. Measured on 300 held-out prompts per
-    task: add 0.96, reverse 0.84, sort 0.97. mix5 trains it 300 steps more, weighted to reverse (committed as
-    models/student-mix5): add 0.977, reverse 0.910, sort 0.977. The MOPD experiment
-    and the teachers start from models/sft-start."""
+    """The start of the default model's MOPD run, in two stages. mix4: `models/sft-start` (mix3's step 300, add
+    0.75 greedy and still climbing) trained 300 more steps as mix3, on new conversations (committed as
+    models/student-start; 300 held-out prompts per task: add 0.96, reverse 0.84, sort 0.97). mix5: 300 steps
+    more, weighted to reverse (committed as models/student-mix5, the MOPD start: add 0.977, reverse 0.910, sort
+    0.977). The MOPD experiment and the teachers start from models/sft-start."""
     mix3 = sft_start()["mix3"]
     mix4 = mix3.replace(recipe="student-start", out=f"{out}/mix4", init_from="models/sft-start", seed=6)
     # mix4 (committed as models/student-start) left reverse at 0.84 against its teacher's 0.91, which the
