@@ -321,3 +321,27 @@ def test_bad_input_is_rejected_and_engine_keeps_serving(model, call, param):
 def test_too_many_drafts_for_the_model():
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         LLM(make_model(), num_speculative_tokens=4)
+
+
+def test_small_steps_run_on_one_thread_and_the_count_is_restored(model):
+    """Steps of at most ONE_THREAD_ROWS query rows run on one intra-op thread (dispatch-bound decode); a
+    long prefill chunk runs on the caller's count, and every step (one that raises included) restores it."""
+    seen = []
+    hook = model.model.embed_tokens.register_forward_pre_hook(  # every main-model forward: input ids [1, N]
+        lambda m, a: seen.append((a[0].shape[1], torch.get_num_threads())))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        llm = _engine(model, num_speculative_tokens=0, max_num_batched_tokens=64)
+        llm.generate([_prompts(model, (40,))[0]], SamplingParams(max_tokens=4, temperature=0))
+        assert torch.get_num_threads() == 2
+        rows = [r for r, _ in seen]
+        assert rows[0] == 40 and rows[1:] == [1, 1, 1], rows
+        assert [n for _, n in seen] == [2, 1, 1, 1]
+        with pytest.raises(RuntimeError, match="boom"), llm_mod.intra_op_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)

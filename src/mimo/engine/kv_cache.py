@@ -127,7 +127,11 @@ class StepView:
                     pad = S - len(r)
                     slots.append(r + [r[0]] * pad)  # padding reads any valid slot; the mask drops it
                     kpos.append(list(range(lo, s.end)) + [_PAD_POS] * pad)
-                mask = window_mask(qpos, torch.tensor(kpos, device=dev), W if sliding else None)[:, None, None]
+                # one query per segment over its whole unpadded key range (decode steps of requests with equal
+                # key counts: any single one) sees every key, so its mask would be all True: None, two ops less
+                # per layer
+                mask = None if Tq == 1 and all(s.end - lo == S for s, lo in zip(ss, los)) else \
+                    window_mask(qpos, torch.tensor(kpos, device=dev), W if sliding else None)[:, None, None]
                 self.short_keys[sliding] = (torch.tensor(slots, device=dev), mask)  # mask [Bq, 1, 1, Tq, S]
         # per long segment, per pool: key slots and the position of the first key
         self.long_keys: list[dict[bool, tuple[torch.Tensor, int]]] = []
