@@ -88,12 +88,17 @@ class Experts(nn.Module):
 
     # Decode-size batches run their (token, expert) pairs one by one on the per-expert matrices: no sort, no
     # gather. Full decode forward of the default model, 100-token context, side by side: 2 tokens pairs 6.2 ms
-    # vs grouped 6.9; 4 tokens 7.6 both; 8 tokens grouped 8.8 vs pairs 9.6. Running every expert on every
-    # token (fewer ops, E / K times the weight reads) lost too: 4 tokens 9.9 vs grouped 9.2. Tried again as two
+    # vs grouped 6.9; 4 tokens 7.6 both; 8 tokens grouped 8.8 vs pairs 9.6. On one thread (the engine runs such
+    # steps on one: engine/llm.py), one layer routed by its router on random inputs, pairs vs grouped: 2 tokens
+    # 170 vs 272 us, 3 tokens 285 vs 328, 4 tokens 342 vs 433, 6 tokens 537 vs 470; whole engine, paired A/B
+    # (10 rounds), pairs up to 4 over up to 2: batch-1 code, default drafting 1.04x, three drafts 1.01x (a
+    # configuration whose verify steps take the same path either way measured 0.98x: the noise). Running every
+    # expert on every token (fewer ops, E / K times the weight reads) lost too: 4 tokens 9.9 vs grouped 9.2.
+    # Tried again as two
     # batched matmuls over the stacks: one layer alone was faster (4 tokens 325 -> 202 us), but whole engine
     # runs A/B, interleaved, four times: 0.92-1.11x at batch 16 (three of four below 1) and 0.89-1.07x with
     # three drafts at batch 1: it reads E / K times the weights.
-    PAIR_LOOP_TOKENS = 2
+    PAIR_LOOP_TOKENS = 4
 
     def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """Grouped: sort the N*K (token, expert) pairs by expert, then one matmul chain per active expert
