@@ -29,7 +29,7 @@ import torch
 
 from mimo import tasks as task_lib
 from mimo.engine import LLM, SamplingParams
-from mimo.engine.llm import DEFAULT_MODEL
+from mimo.engine.llm import DEFAULT_MODEL, ONE_THREAD_ROWS
 from mimo.engine.planner import request_kv
 
 DEFAULT = "default"  # the engine's default speculative setting: adaptive drafting with every head
@@ -150,7 +150,8 @@ def main() -> None:
     cfg = llm.model.config
     print(f"model {args.model}: {sum(p.numel() for p in llm.model.parameters()) / 1e6:.1f}M parameters, "
           f"{cfg.n_layers} layers, {llm.model.n_mtp} MTP heads, window {cfg.sliding_window}, "
-          f"threads {torch.get_num_threads()}, engine {'compiled' if args.compile else 'eager'}")
+          f"threads {torch.get_num_threads()} (the engine's steps of <= {ONE_THREAD_ROWS} rows on 1), "
+          f"engine {'compiled' if args.compile else 'eager'}")
 
     code = [tok.encode(p) for p in CODE_PROMPTS[: 3 if args.quick else 6]]
     chat = chat_prompts(tok, 3 if args.quick else 6)
