@@ -106,7 +106,10 @@ def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, head_dim: int, theta:
     instead of 12. Computed on the fly (constants cached), so the model has no buffers for a meta-device load
     to rebuild.
     """
-    inv_freq, sign, perm = _rope_consts(rotary_dim, head_dim, float(theta), positions.device)
+    # a compiled graph computes the constants in the graph (what dynamo does with a cached function anyway;
+    # calling the uncached one says so, and dynamo no longer warns about the cache at every compile)
+    consts = _rope_consts.__wrapped__ if torch.compiler.is_compiling() else _rope_consts
+    inv_freq, sign, perm = consts(rotary_dim, head_dim, float(theta), positions.device)
     angles = (positions.float().unsqueeze(-1) * inv_freq).unsqueeze(2)  # [B, T, 1, D]
     cos, sin = angles.cos(), angles.sin() * sign
     if dtype != torch.float32:
