@@ -87,6 +87,15 @@ def test_arms_resume_and_results(tmp_path):
     assert all(doc.count(f"| {arm} | exp") == 2 for arm in results["arms"])
     assert all((tmp_path / "docs" / f"mopd-curves-{n}.png").is_file() for n in ("exp", "exp-b"))
     assert "every run: init_from" in doc and "Reached 0.95 of every teacher on every seed:" in doc
+    # experiments with other seeds: each section names its own
+    res_b = json.loads((tmp_path / "exp-b" / exp.RESULTS_JSON).read_text())
+    for key in ("teacher_accuracy", "start_accuracy"):
+        res_b[key] = {"1": res_b[key]["0"]}
+    (tmp_path / "exp-b" / exp.RESULTS_JSON).write_text(json.dumps(res_b))
+    exp.write_docs(tmp_path / "docs", [out, tmp_path / "exp-b"])
+    doc = (tmp_path / "docs" / "mopd.md").read_text()
+    assert doc.startswith("# MOPD experiment (seeds per experiment;")
+    assert "## exp (seeds 0)\n" in doc and "## exp-b (seeds 1)\n" in doc
 
     # weight-avg alone: no trained run, so its own FLOPs are the budget and no run settings are listed
     alone = exp.main([*argv, "--arms", "weight-avg"])
