@@ -87,18 +87,15 @@ class Experts(nn.Module):
         return F.silu(gate) * up
 
     # Decode-size batches run their (token, expert) pairs one by one on the per-expert matrices: no sort, no
-    # gather. Full decode forward of the default model, 100-token context, side by side: 2 tokens pairs 6.2 ms
-    # vs grouped 6.9; 4 tokens 7.6 both; 8 tokens grouped 8.8 vs pairs 9.6. On one thread (the engine runs such
-    # steps on one: engine/llm.py), one layer routed by its router on random inputs, pairs vs grouped: 2 tokens
-    # 170 vs 272 us, 3 tokens 285 vs 328, 4 tokens 342 vs 433, 6 tokens 537 vs 470; whole engine, paired A/B
-    # (10 rounds), pairs up to 4 over up to 2: batch-1 code, default drafting 1.04x, three drafts 1.01x (a
-    # configuration whose verify steps take the same path either way measured 0.98x: the noise). Running every
-    # expert on every token (fewer ops, E / K times the weight reads) lost too: 4 tokens 9.9 vs grouped 9.2.
-    # Tried again as two
-    # batched matmuls over the stacks: one layer alone was faster (4 tokens 325 -> 202 us), but whole engine
-    # runs A/B, interleaved, four times: 0.92-1.11x at batch 16 (three of four below 1) and 0.89-1.07x with
-    # three drafts at batch 1: it reads E / K times the weights.
-    PAIR_LOOP_TOKENS = 4
+    # gather. The engine runs steps of up to 8 rows on one thread (engine/llm.py), so the crossover is measured
+    # there: one layer routed by its router on random inputs, one thread, pairs vs grouped (both with one
+    # SwiGLU over all chains): 1 token 75 vs 177 us, 4 tokens 202 vs 280, 8 tokens 450 vs 487, 12 tokens 690 vs
+    # 593. Running every expert on every token (fewer ops, E / K times the weight reads) lost: 4 tokens 9.9 vs
+    # grouped 9.2 ms for a whole forward. Tried again as two batched matmuls over the stacks: one layer alone
+    # was faster (4 tokens 325 -> 202 us), but whole engine runs A/B, interleaved, four times: 0.92-1.11x at
+    # batch 16 (three of four below 1) and 0.89-1.07x with three drafts at batch 1: it reads E / K times the
+    # weights.
+    PAIR_LOOP_TOKENS = 8
 
     def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """Grouped: sort the N*K (token, expert) pairs by expert, then one matmul chain per active expert
@@ -118,25 +115,28 @@ class Experts(nn.Module):
         token_of = order // K  # pair p = n * K + k belongs to token n
         x_sorted = x_ND[token_of]
         w_sorted = w_NK.reshape(-1)[order].unsqueeze(-1)
-        gate_up, down = self._views(self.gate_up_proj, self.down_proj)
-        outs = [F.linear(self._swiglu(F.linear(xs, gate_up[e])), down[e])
-                for e, xs in enumerate(x_sorted.split(counts)) if xs.shape[0]]
-        out_sorted = torch.cat(outs) if outs else x_sorted
+        active = [(e, xs) for e, xs in enumerate(x_sorted.split(counts)) if xs.shape[0]]
+        out_sorted = torch.cat(self._chains(*zip(*active))) if active else x_sorted
         out = torch.zeros_like(x_ND)
         y = out_sorted * w_sorted
         out.index_add_(0, token_of, y if y.dtype == x_ND.dtype else y.to(x_ND.dtype))
         return out
 
-    def _pairs(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-        N = x_ND.shape[0]
-        w_NK = w_NK if w_NK.dtype == x_ND.dtype else w_NK.to(x_ND.dtype)
-        rows = []
+    def _chains(self, experts: tuple[int, ...], xs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """Expert experts[i]'s SwiGLU FFN on the rows xs[i], for every i: the gate/up GEMMs one by one, one
+        SwiGLU over all their rows at once, the down GEMMs one by one (2 ops a chain plus 5, where a SwiGLU
+        per chain took 5 a chain: the MoE of a 21-token prefill step ran ~50 chains)."""
         gate_up, down = self._views(self.gate_up_proj, self.down_proj)
-        for n, experts in enumerate(ids_NK.tolist()):
-            x, w = (x_ND, w_NK) if N == 1 else (x_ND[n:n + 1], w_NK[n:n + 1])  # [1, D], [1, K]
-            ys = torch.cat([F.linear(self._swiglu(F.linear(x, gate_up[e])), down[e]) for e in experts])  # [K, D]
-            rows.append(w @ ys)
-        return rows[0] if N == 1 else torch.cat(rows)
+        h = self._swiglu(torch.cat([F.linear(x, gate_up[e]) for e, x in zip(experts, xs)]))
+        return [F.linear(he, down[e]) for e, he in zip(experts, h.split([x.shape[0] for x in xs]))]
+
+    def _pairs(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        N, K = ids_NK.shape
+        w_NK = w_NK if w_NK.dtype == x_ND.dtype else w_NK.to(x_ND.dtype)
+        experts = ids_NK.reshape(-1).tolist()  # pair p = n * K + k
+        rows = [x_ND] * K if N == 1 else [x_ND[p // K:p // K + 1] for p in range(N * K)]
+        ys = torch.cat(self._chains(experts, rows))  # [N * K, D]
+        return w_NK @ ys if N == 1 else torch.bmm(w_NK.view(N, 1, K), ys.view(N, K, -1)).view(N, -1)
 
     # Under torch.compile the graph needs shapes that do not depend on the routing: up to this many tokens
     # each token gathers its K experts' weights (a copy of K / E of the stacks per token), above it every
