@@ -124,8 +124,9 @@ class Experts(nn.Module):
 
     def _chains(self, experts: tuple[int, ...], xs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """Expert experts[i]'s SwiGLU FFN on the rows xs[i], for every i: the gate/up GEMMs one by one, one
-        SwiGLU over all their rows at once, the down GEMMs one by one (2 ops a chain plus 5, where a SwiGLU
-        per chain took 5 a chain: the MoE of a 21-token prefill step ran ~50 chains)."""
+        SwiGLU over all their rows at once, the down GEMMs one by one. That is 2 ops a chain plus 5 shared
+        (cat, the SwiGLU's 3, split) where a SwiGLU per chain made it 5 a chain; a 21-token prefill step runs
+        ~50 chains over its 7 MoE layers."""
         gate_up, down = self._views(self.gate_up_proj, self.down_proj)
         h = self._swiglu(torch.cat([F.linear(x, gate_up[e]) for e, x in zip(experts, xs)]))
         return [F.linear(he, down[e]) for e, he in zip(experts, h.split([x.shape[0] for x in xs]))]
