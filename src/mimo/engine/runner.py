@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from mimo.engine.config import GREEDY_EPS
-from mimo.engine.kv_cache import KVCache, Segment
+from mimo.engine.kv_cache import KVCache, Segment, long_tensor
 from mimo.engine.sequence import Sequence
 
 DECAY = 0.9  # per verify step, for a request's factor: about its last ten steps count
@@ -276,8 +276,8 @@ class ModelRunner:
             segs.append(Segment(start, len(toks), seq.full_block_table, seq.sliding_block_table))
             ids += toks
             pos += range(start, start + len(toks))
-        input_ids = torch.tensor([ids], device=self.device)
-        positions = torch.tensor([pos], device=self.device)
+        input_ids = long_tensor(ids, self.device)[None]
+        positions = long_tensor(pos, self.device)[None]
         view = self.cache.view(segs)
         if self._hidden is not None and routing is None and not view.long:
             return self._hidden(input_ids, positions, view)[0]
@@ -393,7 +393,7 @@ class ModelRunner:
             view = views[key]
             # a first round after prefill re-extends a whole window: eager
             block = self._mtp_hidden if self._mtp_hidden is not None and not view.long else self.model.mtp_hidden
-            u = block(k, hidden[None], torch.tensor([ids], device=self.device), torch.tensor([pos], device=self.device),
+            u = block(k, hidden[None], long_tensor(ids, self.device)[None], long_tensor(pos, self.device)[None],
                       view)[0]
             last = list(itertools.accumulate(lengths))  # each live sequence's row for its last position, + 1
             rows = u[-1:] if len(last) == 1 else u[torch.tensor(last, device=u.device) - 1]
