@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SLIDING, ModelConfig
-from .layers import DerivedWeights, Rope, apply_rope
+from .layers import LinearWeights, Rope, apply_rope
 
 
 def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -142,16 +142,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, K * Dv, bias=False)
         self.o_proj = nn.Linear(H * Dv, config.dim, bias=False)
         self.attention_sink_bias = nn.Parameter(torch.zeros(H)) if config.has_sink(layer_type) else None
-        self._qkv = DerivedWeights(torch.cat)
-
-    def qkv_weight(self) -> torch.Tensor:
-        """q, k and v projections as one [(H + K) * D + K * Dv, dim] matrix, so a forward runs one GEMM."""
-        return self._qkv(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        self._qkv = LinearWeights(torch.cat)  # q, k and v as one [(H + K) * D + K * Dv, dim] matrix: one GEMM
+        self._o = LinearWeights()
 
     def forward(self, x: torch.Tensor, rope: Rope, positions: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        y = F.linear(x, self.qkv_weight())
+        y = self._qkv.linear(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
         qk = apply_rope(y[..., :(H + K) * D].view(B, T, H + K, D), rope)  # one RoPE over q and k heads
         q, k = qk[:, :, :H], qk[:, :, H:]
         # the value scale is applied before caching, so cached values are already scaled
@@ -161,4 +158,4 @@ class Attention(nn.Module):
         else:
             out = cache.attend(self.layer_id, q, k, v, positions=positions, sliding_window=self.window,
                                sinks=self.attention_sink_bias, scale=self.scale)
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_head_dim))
+        return self._o.linear(out.reshape(B, T, self.n_heads * self.v_head_dim), self.o_proj.weight)

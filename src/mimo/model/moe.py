@@ -80,6 +80,8 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self._views = DerivedWeights(lambda ws: tuple(w.unbind(0) for w in ws))  # per-expert matrices
+        # per-expert transposed copies [D, 2I] and [I, D], for x @ W^T on the CPU (LinearWeights)
+        self._views_t = DerivedWeights(lambda ws: tuple(w.transpose(1, 2).contiguous().unbind(0) for w in ws))
 
     @staticmethod
     def _swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -127,9 +129,13 @@ class Experts(nn.Module):
         SwiGLU over all their rows at once, the down GEMMs one by one. That is 2 ops a chain plus 5 shared
         (cat, the SwiGLU's 3, split) where a SwiGLU per chain made it 5 a chain; a 21-token prefill step runs
         ~50 chains over its 7 MoE layers."""
-        gate_up, down = self._views(self.gate_up_proj, self.down_proj)
-        h = self._swiglu(torch.cat([F.linear(x, gate_up[e]) for e, x in zip(experts, xs)]))
-        return [F.linear(he, down[e]) for e, he in zip(experts, h.split([x.shape[0] for x in xs]))]
+        ws = (self.gate_up_proj, self.down_proj)
+        if xs[0].device.type == "cpu" and DerivedWeights.caches(ws):
+            (gate_up, down), linear = self._views_t(*ws), torch.matmul
+        else:
+            (gate_up, down), linear = self._views(*ws), F.linear
+        h = self._swiglu(torch.cat([linear(x, gate_up[e]) for e, x in zip(experts, xs)]))
+        return [linear(he, down[e]) for e, he in zip(experts, h.split([x.shape[0] for x in xs]))]
 
     def _pairs(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         N, K = ids_NK.shape

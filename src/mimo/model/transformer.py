@@ -17,7 +17,7 @@ from torch import nn
 
 from .attention import Attention
 from .config import DENSE, SLIDING, ModelConfig
-from .layers import MLP, DerivedWeights, RMSNorm, rope_cos_sin
+from .layers import MLP, DerivedWeights, LinearWeights, RMSNorm, rope_cos_sin
 from .moe import MoE, Routing
 
 
@@ -49,6 +49,7 @@ class MTPBlock(nn.Module):
         self.enorm = RMSNorm(D, eps)
         self.hnorm = RMSNorm(D, eps)
         self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self._eh = LinearWeights()
         self.input_layernorm = RMSNorm(D, eps)
         self.self_attn = Attention(config, SLIDING, config.n_layers + k)
         self.pre_mlp_layernorm = RMSNorm(D, eps)
@@ -56,7 +57,7 @@ class MTPBlock(nn.Module):
         self.final_layernorm = RMSNorm(D, eps)
 
     def forward(self, emb, hidden, rope, positions, cache=None):
-        u = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))
+        u = self._eh.linear(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1), self.eh_proj.weight)
         u = u + self.self_attn(self.input_layernorm(u), rope, positions, cache)
         u = u + self.mlp(self.pre_mlp_layernorm(u))
         return self.final_layernorm(u)
@@ -86,6 +87,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.weights_version = 0
+        self._lm_head = LinearWeights()
 
     def mark_weights_changed(self) -> int:
         """Declare that parameters changed in place (load_state_dict, `p.data.copy_`, `p.data = t`, an
@@ -125,7 +127,7 @@ class Transformer(nn.Module):
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(hidden))
+        return self._lm_head.linear(self.model.norm(hidden), self.lm_head.weight)
 
     def mtp_hidden(self, k: int, hidden: torch.Tensor, token_ids: torch.Tensor,
                    positions: torch.Tensor | None = None, cache=None, detach: bool = False) -> torch.Tensor:
@@ -143,7 +145,9 @@ class Transformer(nn.Module):
                     positions: torch.Tensor | None = None, cache=None, detach: bool = False) -> torch.Tensor:
         """Logits of MTP block k [B, T, V] (see mtp_hidden); `detach` also keeps the shared lm_head constant."""
         u = self.mtp_hidden(k, hidden, token_ids, positions, cache, detach)
-        return torch.nn.functional.linear(u, self.lm_head.weight.detach()) if detach else self.lm_head(u)
+        if detach:
+            return torch.nn.functional.linear(u, self.lm_head.weight.detach())
+        return self._lm_head.linear(u, self.lm_head.weight)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, *,
                 return_mtp: bool = False, routing: Routing | None = None, mtp_detached: bool = False):
