@@ -4,6 +4,7 @@ parameter-derived tensors."""
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -38,15 +39,22 @@ class DerivedWeights:
     def caches(ws: tuple[torch.Tensor, ...]) -> bool:
         """Whether a result from these parameters is kept: under inference_mode, not while compiling (a compiled
         graph computes it in the graph: the cache is Python state dynamo cannot trace), and not from
-        parameters made under inference_mode (kept as they are: nothing may hold views of them outside)."""
-        return (torch.is_inference_mode_enabled() and not torch.compiler.is_compiling()
-                and not any(w.is_inference() for w in ws))
+        parameters made under inference_mode (kept as they are: nothing may hold views of them outside).
+        Asked ~100 times a decode step: plain loops, no generators (0.56 against 0.80 us a call)."""
+        if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+            return False
+        for w in ws:
+            if w.is_inference():
+                return False
+        return True
 
     def __call__(self, *ws: torch.Tensor):
-        if not self.caches(ws):
-            return self.fn(ws)
-        # the same tensor objects (held here, so none can be freed and its address reused)
-        if self._value is None or len(ws) != len(self._ws) or any(a is not b for a, b in zip(ws, self._ws)):
+        return self.kept(ws) if self.caches(ws) else self.fn(ws)
+
+    def kept(self, ws: tuple[torch.Tensor, ...]):
+        """The kept result, recomputed unless ws are the tensor objects it was computed from (held here, so
+        none can be freed and its address reused)."""
+        if self._value is None or len(ws) != len(self._ws) or not all(map(operator.is_, ws, self._ws)):
             with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, reusable outside
                 self._value = self.fn(ws)
             self._ws = ws
@@ -72,8 +80,8 @@ class LinearWeights(DerivedWeights):
         self.weight = weight
 
     def linear(self, x: torch.Tensor, *ws: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and self.caches(ws):
-            return x @ self(*ws)
+        if x.is_cpu and self.caches(ws):
+            return x @ self.kept(ws)
         return F.linear(x, self.weight(ws))
 
 

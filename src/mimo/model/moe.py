@@ -130,8 +130,8 @@ class Experts(nn.Module):
         (cat, the SwiGLU's 3, split) where a SwiGLU per chain made it 5 a chain; a 21-token prefill step runs
         ~50 chains over its 7 MoE layers."""
         ws = (self.gate_up_proj, self.down_proj)
-        if xs[0].device.type == "cpu" and DerivedWeights.caches(ws):
-            (gate_up, down), linear = self._views_t(*ws), torch.matmul
+        if xs[0].is_cpu and DerivedWeights.caches(ws):
+            (gate_up, down), linear = self._views_t.kept(ws), torch.matmul
         else:
             (gate_up, down), linear = self._views(*ws), F.linear
         h = self._swiglu(torch.cat([linear(x, gate_up[e]) for e, x in zip(experts, xs)]))
