@@ -150,7 +150,7 @@ def main() -> None:
     cfg = llm.model.config
     print(f"model {args.model}: {sum(p.numel() for p in llm.model.parameters()) / 1e6:.1f}M parameters, "
           f"{cfg.n_layers} layers, {llm.model.n_mtp} MTP heads, window {cfg.sliding_window}, "
-          f"threads {torch.get_num_threads()} (the engine's steps of <= {ONE_THREAD_ROWS} rows on 1), "
+          f"threads {torch.get_num_threads()} (steps of <= {ONE_THREAD_ROWS} rows on 1 where timed faster), "
           f"engine {'compiled' if args.compile else 'eager'}")
 
     code = [tok.encode(p) for p in CODE_PROMPTS[: 3 if args.quick else 6]]

@@ -323,9 +323,10 @@ def test_too_many_drafts_for_the_model():
         LLM(make_model(), num_speculative_tokens=4)
 
 
-def test_small_steps_run_on_one_thread_and_the_count_is_restored(model):
-    """Steps of at most ONE_THREAD_ROWS query rows run on one intra-op thread (dispatch-bound decode); a
-    long prefill chunk runs on the caller's count, and every step (one that raises included) restores it."""
+def test_small_steps_run_on_one_thread_while_it_times_faster_and_the_count_is_restored(model):
+    """Steps of at most ONE_THREAD_ROWS query rows run on one intra-op thread first (dispatch-bound decode),
+    then on whichever the engine's timing guard finds faster; a long prefill chunk runs on the caller's count,
+    and every step (one that raises included) restores it."""
     seen = []
     hook = model.model.embed_tokens.register_forward_pre_hook(  # every main-model forward: input ids [1, N]
         lambda m, a: seen.append((a[0].shape[1], torch.get_num_threads())))
@@ -337,7 +338,12 @@ def test_small_steps_run_on_one_thread_and_the_count_is_restored(model):
         assert torch.get_num_threads() == 2
         rows = [r for r, _ in seen]
         assert rows[0] == 40 and rows[1:] == [1, 1, 1], rows
-        assert [n for _, n in seen] == [2, 1, 1, 1]
+        assert [n for _, n in seen] == [2, 1, 1, 1]  # the guard measures one thread first
+        assert sum(m[2] for m in llm._threads.stats[1].values()) == 3  # three 1-row steps timed
+        llm._threads.mode = lambda rows: False  # two threads timed faster
+        seen.clear()
+        llm.generate([_prompts(model, (40,))[0]], SamplingParams(max_tokens=3, temperature=0))
+        assert [n for _, n in seen] == [2, 2, 2] and torch.get_num_threads() == 2
         with pytest.raises(RuntimeError, match="boom"), llm_mod.intra_op_threads(1):
             assert torch.get_num_threads() == 1
             raise RuntimeError("boom")

@@ -34,7 +34,7 @@ import torch
 from mimo.engine.config import DEFAULT_MODEL, EngineConfig, SamplingParams
 from mimo.engine.kv_cache import KVCache
 from mimo.engine.planner import build_block_manager
-from mimo.engine.runner import SEEDED_BATCH, DraftGuard, ModelRunner, MTPState, draft_floor
+from mimo.engine.runner import SEEDED_BATCH, DraftGuard, ModelRunner, MTPState, TimingGuard, draft_floor
 from mimo.engine.sampler import (
     TokenLogprobs,
     compute_logprobs,
@@ -169,15 +169,15 @@ def _load(model, dtype, device):
     return m, tok
 
 
-# Steps of at most this many query rows (decode and verify of a few requests) run on one intra-op thread.
-# They are dispatch-bound: a second thread splits hardly any op's work, yet every parallel region of the step
-# pays a fork and join (with OMP_WAIT_POLICY=passive, which makes each of them wake a sleeping worker, a
-# 2-thread decode step went 5.5 -> 7.7 ms). Default model on a 2-vCPU machine, fastest of 12 interleaved
-# rounds: batch-1 decode forward + logits 5.46 ms at 2 threads, 5.14 at 1; whole `generate` calls, best of 10
-# interleaved rounds, MTP off: code 1 request 1.035x, 4 requests 1.064x, chat tasks 1.030x. Prefill of one
-# prompt, 1 thread over 2: 12 tokens 1.08x, 20 tokens 1.00x, 32 tokens 0.94x, 128 tokens 0.84x; 16 requests
-# decoding, 0.92x. transformers' generate takes the same time at 1 and 2 threads (9.8 ms/token), so the
-# benchmark's baseline does not move.
+# Steps of at most this many query rows (decode and verify of a few requests) may run on one intra-op thread;
+# whether they do is timed per engine (LLM._threads), because it depends on the machine. They are
+# dispatch-bound: a second thread splits hardly any op's work, yet every parallel region of the step pays a
+# fork and join. On a 2-vCPU AMD EPYC (AVX2), fastest of 12 interleaved rounds, one thread won: batch-1 decode
+# forward + logits 5.46 ms at 2 threads, 5.14 at 1; `generate` MTP off, code 1 request 1.035x, 4 requests
+# 1.064x, chat tasks 1.030x; prefill of one prompt 12 tokens 1.08x, 32 tokens 0.94x, 128 tokens 0.84x. On a
+# 2-vCPU Xeon (AVX-512), paired in one process, 6 rounds, two threads won: batch-1 code MTP off 1.069x, three
+# drafts 1.119x, 4 requests 1.113x (and 16 rows on one thread lost 0.86x). transformers' generate takes the
+# same time at 1 and 2 threads, so the benchmark's baseline does not move.
 ONE_THREAD_ROWS = 8
 
 
@@ -237,6 +237,7 @@ class LLM:
         # adaptive policy is measured against)
         self.adaptive_drafting = adaptive_drafting
         self._guard = DraftGuard()  # with adaptive drafting: whether drafting pays at all, timed
+        self._threads = TimingGuard()  # whether small CPU steps run faster on one thread (ONE_THREAD_ROWS)
         self._round_mode: bool | None = None  # the guard's mode in the last drafting round
         self._whole_batch = False  # inside `generate`: its caller waits for every request (_off_critical_path)
         self._rng = torch.Generator().manual_seed(seed)
@@ -387,8 +388,14 @@ class LLM:
         if out.is_empty:
             return ended
         rows = sum(it.num_tokens for it in out.items)
-        with intra_op_threads(1 if rows <= ONE_THREAD_ROWS and self.runner.device.type == "cpu" else None):
-            return self._run(out, ended, t0)
+        one = None  # a small CPU step: on one thread (True) or the caller's count, as the timing says
+        if rows <= ONE_THREAD_ROWS and self.runner.device.type == "cpu" and torch.get_num_threads() > 1:
+            one = self._threads.mode(rows)
+        with intra_op_threads(1 if one else None):
+            deltas = self._run(out, ended, t0)
+        if one is not None:
+            self._threads.record(rows, one, 1, time.perf_counter() - t0)
+        return deltas
 
     def _run(self, out, ended: list[RequestDelta], t0: float) -> list[RequestDelta]:
         """The rest of `step` once something is scheduled: forward, sample / verify, commit, drafting."""

@@ -92,35 +92,20 @@ def _compiled(fn):
     return call
 
 
-class DraftGuard:
-    """Whether drafting pays at all, measured: per batch-size bucket (1, 2-3, 4-7, 8-15, ...), the decayed
-    tokens per second of pure-decode steps run with the adaptive drafting policy and without drafting.
+class TimingGuard:
+    """Which of two ways to run a step (mode True or False) is faster, measured: per size bucket (1, 2-3, 4-7,
+    8-15, ...) the decayed tokens per second of the steps run each way. It keeps the faster mode and runs the
+    other one for a few steps now and then (EXPLORE_STEPS every `interval` steps; the interval doubles while
+    the same mode keeps winning), so a change of load or machine is noticed. Mode True is measured first.
+    Plain Python: the caller times the steps."""
 
-    The cost model above prices drafts from offline measurements; on another machine, another batch mix or a
-    compiled step it can let through rounds that cost more than they save (at 16 code requests a round cost a
-    third of a plain step for ~0.2 tokens). The guard times what actually happens and keeps the faster mode,
-    running the other one for a few steps now and then (EXPLORE_STEPS every `interval` steps; the interval
-    doubles while the same mode keeps winning) so a change of load is noticed. A pure-decode step counts whole
-    if its round (at its end) and the round before it ran the same mode; of a step with prefill only its round
-    counts, with no tokens (the first round after a prefill re-extends a window: a cost of drafting every
-    request pays). A switch's step is left out: it verifies the other mode's drafts (counting it credited plain
-    decoding with their tokens), and its round's catch-up after a pause is a cost of exploring, not of
-    drafting (counting it made the guard pick plain decoding on batch-1 code, 1.05x against 1.31x with three
-    drafts every step). Only requests whose drafting may depend on timing follow it (not seeded sampled
-    ones: their tokens must not)."""
-
-    # Below this batch it showed no gain (batch-1 code, default over MTP off: 1.03-1.15x with it in four
-    # benchmark runs, 1.14x without it in a fifth, all on one noisy machine) and its explorations of plain
-    # decoding cost most there. At 16 requests, interleaved A/B against the policy alone, over MTP off: code
-    # 0.99x against 1.01x, chat tasks 0.91x against 0.86x.
-    MIN_BATCH = 8
     DECAY = 0.9  # per counted step of a bucket and mode: about the last ten count
     MIN_STEPS = 3  # counted steps of each mode before they are compared
     EXPLORE_STEPS = 6  # steps of the other mode per exploration (the first is not counted)
     FIRST_INTERVAL, MAX_INTERVAL = 12, 192  # steps of the preferred mode between explorations
 
     def __init__(self) -> None:
-        # bucket -> per mode (False: no drafting, True: the policy) [decayed tokens, decayed seconds, steps]
+        # bucket -> per mode [decayed tokens, decayed seconds, steps]
         self.stats: dict[int, dict[bool, list[float]]] = {}
         self.interval: dict[int, int] = {}
         self.clock: dict[int, int] = {}  # steps since the bucket's last exploration began
@@ -135,10 +120,10 @@ class DraftGuard:
         return tok / sec if n >= self.MIN_STEPS and sec > 0 else None
 
     def mode(self, batch: int) -> bool:
-        """True: draft (the policy decides how much); False: no drafting this round."""
+        """The mode to run this step of size `batch` in."""
         b = self.bucket(batch)
         on, off = self.rate(b, True), self.rate(b, False)
-        if on is None or off is None:  # measure the policy first, then plain decoding
+        if on is None or off is None:  # measure mode True first, then False
             return on is None
         best = on >= off
         if self.best.get(b, best) != best:
@@ -157,6 +142,29 @@ class DraftGuard:
     def record(self, batch: int, mode: bool, tokens: int, seconds: float) -> None:
         m = self.stats.setdefault(self.bucket(batch), {}).setdefault(mode, [0.0, 0.0, 0])
         m[0], m[1], m[2] = self.DECAY * m[0] + tokens, self.DECAY * m[1] + seconds, m[2] + 1
+
+
+class DraftGuard(TimingGuard):
+    """Whether drafting pays at all, measured: per batch-size bucket, the decayed tokens per second of
+    pure-decode steps run with the adaptive drafting policy (mode True) and without drafting (False).
+
+    The cost model above prices drafts from offline measurements; on another machine, another batch mix or a
+    compiled step it can let through rounds that cost more than they save (at 16 code requests a round cost a
+    third of a plain step for ~0.2 tokens). The guard times what actually happens and keeps the faster mode
+    (TimingGuard). A pure-decode step counts whole
+    if its round (at its end) and the round before it ran the same mode; of a step with prefill only its round
+    counts, with no tokens (the first round after a prefill re-extends a window: a cost of drafting every
+    request pays). A switch's step is left out: it verifies the other mode's drafts (counting it credited plain
+    decoding with their tokens), and its round's catch-up after a pause is a cost of exploring, not of
+    drafting (counting it made the guard pick plain decoding on batch-1 code, 1.05x against 1.31x with three
+    drafts every step). Only requests whose drafting may depend on timing follow it (not seeded sampled
+    ones: their tokens must not)."""
+
+    # Below this batch it showed no gain (batch-1 code, default over MTP off: 1.03-1.15x with it in four
+    # benchmark runs, 1.14x without it in a fifth, all on one noisy machine) and its explorations of plain
+    # decoding cost most there. At 16 requests, interleaved A/B against the policy alone, over MTP off: code
+    # 0.99x against 1.01x, chat tasks 0.91x against 0.86x.
+    MIN_BATCH = 8
 
 
 def draft_floor(batch: int) -> float:
