@@ -172,7 +172,8 @@ class StepView:
             if self.dense:  # every segment short and of one length: the batch is a plain [Bq, Tq] grid
                 qb = q0.view(Bq, self.N // Bq, H, -1)
                 return attend_masked(qb, kb, vb, mask, sinks, scale).reshape(1, self.N, H, Dv)
-            ob = attend_masked(q0[self.qidx], kb, vb, mask, sinks, scale)  # [Bq, Tq, H, Dv]
+            qb = q0.index_select(0, self.qidx.view(-1)).view(*self.qidx.shape, H, -1)  # not q0[qidx]: 10x slower
+            ob = attend_masked(qb, kb, vb, mask, sinks, scale)  # [Bq, Tq, H, Dv]
             # index_select rather than boolean masks: static shapes, so a compiled step does not break here
             rows = ob.reshape(-1, H, Dv).index_select(0, self.qsrc)
             if not self.long:

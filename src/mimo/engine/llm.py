@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from mimo.engine.config import DEFAULT_MODEL, EngineConfig, SamplingParams
-from mimo.engine.kv_cache import KVCache
+from mimo.engine.kv_cache import KVCache, long_tensor
 from mimo.engine.planner import build_block_manager
 from mimo.engine.runner import SEEDED_BATCH, DraftGuard, ModelRunner, MTPState, TimingGuard, draft_floor
 from mimo.engine.sampler import (
@@ -427,7 +427,10 @@ class LLM:
                     need.append(r + len(toks) - 1)
             else:
                 need += range(r, r + len(toks))
-        logits = self.runner.logits(hidden[need]) if need else None
+        logits = None
+        if need:  # every row of a pure decode / verify step needs its logits: no gather then
+            rows = hidden if len(need) == hidden.shape[0] else hidden.index_select(0, long_tensor(need, hidden.device))
+            logits = self.runner.logits(rows)
         results = self._sample(out.items, items, drafts_of, logits)
 
         touched: list[tuple[Sequence, int]] = []
@@ -495,7 +498,9 @@ class LLM:
             lrow += n
         if single:
             seqs = [sched[i].seq for i in single]
-            so = sample(logits[single_rows], [s.sampling_params for s in seqs],
+            rows = logits if len(single_rows) == logits.shape[0] else \
+                logits.index_select(0, long_tensor(single_rows, logits.device))
+            so = sample(rows, [s.sampling_params for s in seqs],
                         [self._gens.get(s.request_id) for s in seqs], self._rng)
             for j, i in enumerate(single):
                 lp = so.logprobs[j]

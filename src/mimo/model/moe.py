@@ -115,8 +115,9 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
         token_of = order // K  # pair p = n * K + k belongs to token n
-        x_sorted = x_ND[token_of]
-        w_sorted = w_NK.reshape(-1)[order].unsqueeze(-1)
+        # index_select, not advanced indexing: its generic path cost ~4x more at decode sizes (kv_cache.py)
+        x_sorted = x_ND.index_select(0, token_of)
+        w_sorted = w_NK.reshape(-1).index_select(0, order).unsqueeze(-1)
         active = [(e, xs) for e, xs in enumerate(x_sorted.split(counts)) if xs.shape[0]]
         out_sorted = torch.cat(self._chains(*zip(*active))) if active else x_sorted
         out = torch.zeros_like(x_ND)
