@@ -371,7 +371,18 @@ def report_lines(results: dict[str, Any]) -> list[str]:
               "there), stage 3 only:", ""] + compute_ratios(means, "flops_to_95")
     lines += ["", "end to end (building the teachers included: "
               + (f"{teacher_flops:.3g} FLOPs" if teacher_flops is not None else "cost unknown") + "):", ""]
-    return lines + compute_ratios(means, "flops_to_95_end_to_end")
+    lines += compute_ratios(means, "flops_to_95_end_to_end")
+    # the means above are None as soon as one seed never got there; each seed's crossing, and MOPD's ratio to
+    # mix-rl on the seeds where both got there, say what the runs did show
+    seeds = list(teacher_acc)
+    per_seed = {arm: [r["flops_to_95"] for r in res["seeds"]] for arm, res in results["arms"].items()}
+    lines += ["", "FLOPs to 0.95 of every teacher per seed, stage 3 (-: not within the run):", ""]
+    for arm, fs in per_seed.items():
+        both = [f"seed {s} {f / g:.3g}" for s, f, g in zip(seeds, fs, per_seed.get("mix-rl", [None] * len(fs)))
+                if arm.startswith("mopd") and f is not None and g is not None]
+        lines.append(f"- {arm}: " + ", ".join(f"seed {s} {_fmt(f)}" for s, f in zip(seeds, fs))
+                     + (f"; against mix-rl on the same seed: {', '.join(both)}" if both else ""))
+    return lines
 
 
 def write_docs(docs: Path, outs: Sequence[Path]) -> None:

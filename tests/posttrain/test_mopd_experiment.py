@@ -68,6 +68,9 @@ def test_arms_resume_and_results(tmp_path):
     table = (out / exp.RESULTS_MD).read_text()
     assert "| OOD add | OOD sort |" in table and "end to end (building the teachers included: 1e+10 FLOPs)" in table
     assert all(f"| {arm} |" in table for arm in results["arms"]) and "| start (the student before training) |" in table
+    for arm, a in results["arms"].items():  # each seed's crossing, also where the mean is None
+        assert f"- {arm}: " + ", ".join(f"seed {s} {exp._fmt(r['flops_to_95'])}"
+                                        for s, r in zip(results["teacher_accuracy"], a["seeds"])) in table
     assert (tmp_path / "docs" / "mopd.md").read_text().replace("mopd-curves.png", exp.CURVES_PNG) == table
     assert (tmp_path / "docs" / "mopd-curves.png").read_bytes() == (out / exp.CURVES_PNG).read_bytes()
 
@@ -146,3 +149,22 @@ def test_compute_ratios_states_each_outcome():
     means["mix-rl"]["k"] = None
     assert exp.compute_ratios(means, "k")[0] == ("- mopd-a0: 2e+12 FLOPs; mix-rl did not reach it within its "
                                                  "9e+12 FLOPs (4.5x MOPD's)")
+
+
+def test_report_names_each_seeds_crossing_and_the_ratio_where_both_got_there():
+    """The mean over seeds is None once one seed never got there; the per-seed lines still say what each run
+    did, and MOPD's ratio to mix-rl on the seeds where both crossed (seed 0 here: 2e12 / 8e12)."""
+    acc = {"add": 0.9}
+    seed = dict(accuracy=acc, recovery=acc, recovery_mean=1.0, recovery_min=1.0, at_budget=acc, flops=9e12,
+                ood=None, flops_to_95_end_to_end=None)
+    mean = dict(accuracy=acc, recovery_mean=1.0, recovery_min=1.0, at_budget=acc, flops_to_95=None,
+                flops_to_95_end_to_end=None, flops=9e12, ood=None)
+    def seeds(*fs):
+        return [dict(seed, flops_to_95=f) for f in fs]
+
+    results = {"teacher_accuracy": {"0": acc, "1": acc}, "start_accuracy": {}, "flop_budget": 9e12,
+               "teacher_building_flops": None, "arms": {"mopd-a0.5": {"mean": mean, "seeds": seeds(2e12, 3e12)},
+                                                        "mix-rl": {"mean": mean, "seeds": seeds(8e12, None)}}}
+    lines = exp.report_lines(results)
+    assert "- mopd-a0.5: seed 0 2e+12, seed 1 3e+12; against mix-rl on the same seed: seed 0 0.25" in lines
+    assert "- mix-rl: seed 0 8e+12, seed 1 -" in lines
