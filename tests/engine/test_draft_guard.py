@@ -40,3 +40,20 @@ def test_guard_follows_a_change_of_which_mode_is_faster():
 def test_guard_keeps_drafting_where_it_pays():
     modes = _run(DraftGuard(), {True: 160.0, False: 150.0}, 600)
     assert sum(modes[100:]) >= 0.95 * 500
+
+
+def test_tuple_sizes_are_bucketed_element_by_element_and_judged_apart():
+    """The engine's thread guard keys steps by (rows, sequences): one request's 4-row verify step and four
+    requests' decode step share a row count but not a bucket, so each keeps its own faster mode."""
+    from mimo.engine.runner import TimingGuard
+
+    g = TimingGuard()
+    assert g.bucket((4, 1)) == (3, 1) and g.bucket((5, 4)) == (3, 3) and g.bucket(16) == 5
+    speeds = {(4, 1): {True: 150.0, False: 100.0}, (4, 4): {True: 100.0, False: 150.0}}
+    modes = {k: [] for k in speeds}
+    for _ in range(300):
+        for key, speed in speeds.items():
+            m = g.mode(key)
+            modes[key].append(m)
+            g.record(key, m, 10, 10 / speed[m])
+    assert sum(modes[4, 1][100:]) >= 0.9 * 200 and sum(modes[4, 4][100:]) <= 0.1 * 200  # explorations aside

@@ -389,12 +389,15 @@ class LLM:
             return ended
         rows = sum(it.num_tokens for it in out.items)
         one = None  # a small CPU step: on one thread (True) or the caller's count, as the timing says
+        # timed per (rows, sequences): one request's 4-row verify step (and its drafting round) and 4 requests'
+        # decode step are different work; compared in one bucket, the guard judged one by the other's times
+        key = (rows, len(out.items))
         if rows <= ONE_THREAD_ROWS and self.runner.device.type == "cpu" and torch.get_num_threads() > 1:
-            one = self._threads.mode(rows)
+            one = self._threads.mode(key)
         with intra_op_threads(1 if one else None):
             deltas = self._run(out, ended, t0)
         if one is not None:
-            self._threads.record(rows, one, 1, time.perf_counter() - t0)
+            self._threads.record(key, one, 1, time.perf_counter() - t0)
         return deltas
 
     def _run(self, out, ended: list[RequestDelta], t0: float) -> list[RequestDelta]:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -106,20 +107,21 @@ class TimingGuard:
 
     def __init__(self) -> None:
         # bucket -> per mode [decayed tokens, decayed seconds, steps]
-        self.stats: dict[int, dict[bool, list[float]]] = {}
-        self.interval: dict[int, int] = {}
-        self.clock: dict[int, int] = {}  # steps since the bucket's last exploration began
-        self.best: dict[int, bool] = {}
+        self.stats: dict[Hashable, dict[bool, list[float]]] = {}
+        self.interval: dict[Hashable, int] = {}
+        self.clock: dict[Hashable, int] = {}  # steps since the bucket's last exploration began
+        self.best: dict[Hashable, bool] = {}
 
     @staticmethod
-    def bucket(batch: int) -> int:
-        return batch.bit_length()
+    def bucket(size: int | tuple[int, ...]) -> int | tuple[int, ...]:
+        """Steps are compared within a bucket of sizes: an int by its bit length, a tuple element by element."""
+        return size.bit_length() if isinstance(size, int) else tuple(x.bit_length() for x in size)
 
-    def rate(self, b: int, mode: bool) -> float | None:
+    def rate(self, b: Hashable, mode: bool) -> float | None:
         tok, sec, n = self.stats.get(b, {}).get(mode, (0.0, 0.0, 0))
         return tok / sec if n >= self.MIN_STEPS and sec > 0 else None
 
-    def mode(self, batch: int) -> bool:
+    def mode(self, batch: int | tuple[int, ...]) -> bool:
         """The mode to run this step of size `batch` in."""
         b = self.bucket(batch)
         on, off = self.rate(b, True), self.rate(b, False)
@@ -139,7 +141,7 @@ class TimingGuard:
             return best
         return not best
 
-    def record(self, batch: int, mode: bool, tokens: int, seconds: float) -> None:
+    def record(self, batch: int | tuple[int, ...], mode: bool, tokens: int, seconds: float) -> None:
         m = self.stats.setdefault(self.bucket(batch), {}).setdefault(mode, [0.0, 0.0, 0])
         m[0], m[1], m[2] = self.DECAY * m[0] + tokens, self.DECAY * m[1] + seconds, m[2] + 1
 
