@@ -339,7 +339,8 @@ def test_small_steps_run_on_one_thread_while_it_times_faster_and_the_count_is_re
         rows = [r for r, _ in seen]
         assert rows[0] == 40 and rows[1:] == [1, 1, 1], rows
         assert [n for _, n in seen] == [2, 1, 1, 1]  # the guard measures one thread first
-        assert sum(m[2] for m in llm._threads.stats[1, 1].values()) == 3  # three 1-row steps of 1 request timed
+        # three 1-row steps of 1 request, the first after a switch of thread count not timed
+        assert sum(m[2] for m in llm._threads.stats[1, 1].values()) == 2
         llm._threads.mode = lambda rows: False  # two threads timed faster
         seen.clear()
         llm.generate([_prompts(model, (40,))[0]], SamplingParams(max_tokens=3, temperature=0))
