@@ -153,14 +153,13 @@ class DraftGuard(TimingGuard):
     The cost model above prices drafts from offline measurements; on another machine, another batch mix or a
     compiled step it can let through rounds that cost more than they save (at 16 code requests a round cost a
     third of a plain step for ~0.2 tokens). The guard times what actually happens and keeps the faster mode
-    (TimingGuard). A pure-decode step counts whole
-    if its round (at its end) and the round before it ran the same mode; of a step with prefill only its round
-    counts, with no tokens (the first round after a prefill re-extends a window: a cost of drafting every
-    request pays). A switch's step is left out: it verifies the other mode's drafts (counting it credited plain
-    decoding with their tokens), and its round's catch-up after a pause is a cost of exploring, not of
-    drafting (counting it made the guard pick plain decoding on batch-1 code, 1.05x against 1.31x with three
-    drafts every step). Only requests whose drafting may depend on timing follow it (not seeded sampled
-    ones: their tokens must not)."""
+    (TimingGuard). A pure-decode step counts whole if its round (at its end) and the round before it ran the
+    same mode; of a step with prefill only its round counts, with no tokens (the first round after a prefill
+    re-extends a window: a cost of drafting every request pays). A switch's step is left out: it verifies the
+    other mode's drafts (counting it credited plain decoding with their tokens), and its round's catch-up
+    after a pause is a cost of exploring, not of drafting (counting it made the guard pick plain decoding on
+    batch-1 code, 1.05x against 1.31x with three drafts every step). Only requests whose drafting may depend
+    on timing follow it (not seeded sampled ones: their tokens must not)."""
 
     # Below this batch it showed no gain (batch-1 code, default over MTP off: 1.03-1.15x with it in four
     # benchmark runs, 1.14x without it in a fifth, all on one noisy machine) and its explorations of plain
