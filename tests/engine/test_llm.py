@@ -11,6 +11,7 @@ from tests.engine.helpers import drive, oracle_drafts
 
 from mimo.engine import LLM, SamplingParams
 from mimo.engine import llm as llm_mod
+from mimo.engine.runner import PROBE_EVERY
 from mimo.model import generate
 from mimo.model.transformer import filter_logits
 
@@ -180,6 +181,25 @@ def test_mtp_drafts_equal_recomputation_from_scratch(model, monkeypatch, draft_v
             skipped += not drafts
             probes += bool(drafts)
     assert checked >= 10 and skipped >= 30 and probes >= 2
+
+
+def test_no_probe_in_a_requests_last_probe_interval(model, monkeypatch):
+    """A request whose drafts never pay still probes every PROBE_EVERY dry steps, but not once fewer tokens are
+    left than a probe interval: what a probe learns pays only over the tokens after it."""
+    monkeypatch.setattr(llm_mod, "draft_floor", lambda batch: 2.0)  # no estimate ever pays
+    llm = _engine(model, num_speculative_tokens=3, max_model_len=200)
+    monkeypatch.setattr(llm._guard, "mode", lambda batch: True)
+    every = PROBE_EVERY[0]
+    max_tokens = 3 * every
+    llm.add_request("x", _prompts(model, (13,), seed=3)[0], SamplingParams(max_tokens=max_tokens, temperature=0))
+    left_at_probes = []
+    while llm.has_unfinished_requests():
+        llm.step()
+        seq = llm.scheduler.get("x")
+        if seq is not None and not seq.is_prefill and llm._mtp["x"].drafts:
+            left_at_probes.append(max_tokens - seq.num_output_tokens)
+    # dry steps reach the interval at about every + 1 and 2 * every + 2 tokens: only the first probe is left
+    assert left_at_probes and all(left > every for left in left_at_probes), left_at_probes
 
 
 def test_reduced_draft_vocabulary_drafts_only_its_ids_and_keeps_greedy_output(model):

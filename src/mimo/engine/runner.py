@@ -204,6 +204,7 @@ class MTPState:
     seen: tuple[int, int, int] | None = None  # the sequence's (verify steps, drafted, accepted) folded in
     dry: int = 0  # steps in a row that proposed no draft (skipped rounds, or a first draft below the rule)
     probe_every: int = PROBE_EVERY[0]  # set each round from the batch (PROBE_EVERY)
+    left: int | None = None  # tokens the request may still make (None: no max_tokens), set each round
 
     def append(self, start: int, rows: torch.Tensor, keep_from: int) -> None:
         """Add hidden rows of positions [start, start + len(rows)), dropping rows before keep_from."""
@@ -239,8 +240,10 @@ class MTPState:
     @property
     def probe_due(self) -> bool:
         """No draft was verified for `probe_every` steps: propose the first one whatever its estimate, or a
-        low estimate would never be tested again (nothing verified, nothing learnt)."""
-        return self.dry >= self.probe_every
+        low estimate would never be tested again (nothing verified, nothing learnt). Not in a request's last
+        `probe_every` tokens: what a probe learns pays only over the tokens after it (traced on 16-token chat
+        tasks: the second probe came with 2 tokens left)."""
+        return self.dry >= self.probe_every and (self.left is None or self.left > self.probe_every)
 
     def wants_round(self, pays: bool) -> bool:
         """Whether to draft this step: the expected chain pays for its cost (`pays`), or a probe is due."""
@@ -356,6 +359,8 @@ class ModelRunner:
                         h = self.calib[j][bisect.bisect(BUCKETS, c)]
                         h[0], h[1] = HEAD_DECAY * h[0] + ok, HEAD_DECAY * h[1] + 1
                 st.probe_every = PROBE_EVERY[(SEEDED_BATCH if own[i] else len(seqs)) >= DraftGuard.MIN_BATCH]
+                mt = seq.sampling_params.max_tokens
+                st.left = None if mt is None else mt - seq.num_output_tokens
                 if not st.wants_round(more(i, 0, 1.0, 1.0, st.mean_a[:num_drafts[i]]) > 0):
                     num_drafts[i] = 0
         los: list[list[int]] = []  # per sequence, per block
