@@ -239,6 +239,7 @@ class LLM:
         self._guard = DraftGuard()  # with adaptive drafting: whether drafting pays at all, timed
         self._threads = TimingGuard()  # whether small CPU steps run faster on one thread (ONE_THREAD_ROWS)
         self._threads_last: bool | None = None  # the last step's thread mode (None: not asked)
+        self._round_start = 0.0  # when the last step's drafting round began (time.perf_counter)
         self._round_mode: bool | None = None  # the guard's mode in the last drafting round
         self._whole_batch = False  # inside `generate`: its caller waits for every request (_off_critical_path)
         self._rng = torch.Generator().manual_seed(seed)
@@ -397,11 +398,13 @@ class LLM:
             one = self._threads.mode(key)
         with intra_op_threads(1 if one else None):
             deltas = self._run(out, ended, t0)
-        # the first step after a switch of thread count is left out: it pays the switch (OpenMP's team is
-        # rebuilt), a cost of exploring; counted, it made the guard settle on one thread for batch-1 verify
-        # steps, 0.88x of two
+        # timed up to the drafting round, whose work varies with the drafting policy and not with the step's
+        # size: counted, it made 1-row steps of MTP off and of skipped drafting look alike and the guard's
+        # choice flip between rounds. The first step after a switch of thread count is left out: it pays the
+        # switch (OpenMP's team is rebuilt), a cost of exploring; counted, it made the guard settle on one
+        # thread for batch-1 verify steps, 0.88x of two
         if one is not None and one == self._threads_last:
-            self._threads.record(key, one, 1, time.perf_counter() - t0)
+            self._threads.record(key, one, 1, self._round_start - t0)
         self._threads_last = one
         return deltas
 
@@ -466,7 +469,7 @@ class LLM:
             self._mtp[seq.request_id].append(n_before, hidden[r:r + n_new], seq.num_computed_tokens - self._h_keep)
             if tokens:
                 touched.append((seq, n_out))
-        t_round = time.perf_counter()
+        t_round = self._round_start = time.perf_counter()
         mode = self._draft([s for s, _ in touched if not s.is_finished])
         if mode is not None:  # the guard's timing (DraftGuard): a step whole, or only its drafting round
             t1 = time.perf_counter()
