@@ -89,11 +89,12 @@ class Experts(nn.Module):
         return F.silu(gate) * up
 
     # Decode-size batches run their (token, expert) pairs one by one on the per-expert matrices: no sort, no
-    # gather. The engine runs steps of up to 8 rows on one thread (engine/llm.py), so the crossover is measured
-    # there: one layer routed by its router on random inputs, one thread, pairs vs grouped (both with one
-    # SwiGLU over all chains): 1 token 75 vs 177 us, 4 tokens 202 vs 280, 8 tokens 450 vs 487, 12 tokens 690 vs
-    # 593. Running every expert on every token (fewer ops, E / K times the weight reads) lost: 4 tokens 9.9 vs
-    # grouped 9.2 ms for a whole forward. Tried again as two batched matmuls over the stacks: one layer alone
+    # gather. One layer routed by its router on random inputs, pairs vs grouped (both with one SwiGLU over all
+    # chains), on the AMD machine, one thread: 1 token 75 vs 177 us, 4 tokens 202 vs 280, 8 tokens 450 vs 487,
+    # 12 tokens 690 vs 593; on the Xeon (transposed weights), two threads: 1 token 54 vs 114, 4 tokens 146 vs
+    # 194, 8 tokens 265 vs 263, 12 tokens 335 vs 271 (one thread alike). Running every expert on every token
+    # (fewer ops, E / K times the weight reads) lost: 4 tokens 9.9 vs grouped 9.2 ms for a whole forward. Tried
+    # again as two batched matmuls over the stacks: one layer alone
     # was faster (4 tokens 325 -> 202 us), but whole engine runs A/B, interleaved, four times: 0.92-1.11x at
     # batch 16 (three of four below 1) and 0.89-1.07x with three drafts at batch 1: it reads E / K times the
     # weights.
