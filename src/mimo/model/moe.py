@@ -94,10 +94,9 @@ class Experts(nn.Module):
     # 12 tokens 690 vs 593; on the Xeon (transposed weights), two threads: 1 token 54 vs 114, 4 tokens 146 vs
     # 194, 8 tokens 265 vs 263, 12 tokens 335 vs 271 (one thread alike). Running every expert on every token
     # (fewer ops, E / K times the weight reads) lost: 4 tokens 9.9 vs grouped 9.2 ms for a whole forward. Tried
-    # again as two batched matmuls over the stacks: one layer alone
-    # was faster (4 tokens 325 -> 202 us), but whole engine runs A/B, interleaved, four times: 0.92-1.11x at
-    # batch 16 (three of four below 1) and 0.89-1.07x with three drafts at batch 1: it reads E / K times the
-    # weights.
+    # again as two batched matmuls over the stacks: one layer alone was faster (4 tokens 325 -> 202 us), but
+    # whole engine runs A/B, interleaved, four times: 0.92-1.11x at batch 16 (three of four below 1) and
+    # 0.89-1.07x with three drafts at batch 1: it reads E / K times the weights.
     PAIR_LOOP_TOKENS = 8
 
     def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
