@@ -47,3 +47,27 @@ def test_generated_rows_are_prompt_spans_plus_the_models_greedy_continuation():
         prompt = row[:6]
         assert any(prompt == e[a:a + 6] for e in encoded for a in range(len(e) - 5))
         assert row[6:] == generate(model, prompt, 14)
+
+
+def test_task_rows_pack_task_prompts_and_the_models_own_greedy_answers():
+    from mimo import tasks as task_lib
+    from mimo.data import Tokenizer
+    from mimo.engine.llm import DEFAULT_MODEL
+    from mimo.model import generate
+    from mimo.train.distill_mtp import task_rows
+
+    tok = Tokenizer.from_pretrained(DEFAULT_MODEL)
+    model = make_model(vocab_size=tok.vocab_size).eval()
+    rows = task_rows(model, tok, n_rows=2, length=150, seed=3)
+    assert rows.shape == (2, 150)
+    stream = rows.view(-1).tolist()
+    examples = task_lib.mixed_examples(2 * 150 // (30 * 3) + 1, "train", 3)
+    at = 0
+    for ex in examples:  # each conversation in turn: its prompt, then what the model greedily answers
+        prompt = task_lib.prompt_ids(tok, ex)
+        want = prompt + generate(model, prompt, task_lib.MAX_NEW_TOKENS, eos_token_id=tok.eos_id)
+        assert stream[at:at + len(want)] == want[:len(stream) - at]
+        at += len(want)
+        if at >= len(stream):
+            break
+    assert at >= len(stream)

@@ -310,6 +310,11 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--generated", type=unit_fraction, default=0.0,
                    help="fraction of each batch taken from the model's own greedy continuations (0 to 1)")
+    p.add_argument("--generated-rows", type=positive_int, default=512,
+                   help="how many generated rows to make up front (with --generated)")
+    p.add_argument("--generated-tasks", type=unit_fraction, default=0.0,
+                   help="share of the generated rows that are the model's own answers to chat task prompts "
+                   "(the rest continue code)")
     p.add_argument("--threads", type=positive_int)
 
 
@@ -322,7 +327,8 @@ def distill_mtp(args: argparse.Namespace) -> int:
         raise UserError(f"--seq-len must be above {GENERATED_PROMPT_LEN} (the prompt of a generated row) "
                         "with --generated")
     print(json.dumps(run(model_dir, args.out, args.steps, args.batch_size, args.seq_len, args.lr,
-                         generated=args.generated)))
+                         generated=args.generated, generated_rows_n=args.generated_rows,
+                         generated_tasks=args.generated_tasks)))
     return 0
 
 

@@ -10,7 +10,9 @@ same; only the acceptance length moves.
 With `--generated F`, a fraction F of every batch is the model's own greedy continuations of training-split
 code (prompt: a random 32-token span of a training file), generated once up front with the engine: the text
 the heads must draft at serving time (greedy decoding) rather than human-written code, as EAGLE and
-Medusa-2 train their draft heads on the target model's own outputs.
+Medusa-2 train their draft heads on the target model's own outputs. With `--generated-tasks G`, a share G of
+those generated rows are instead the model's own greedy answers to training-split chat task prompts, packed
+end to end (prompt, answer, next prompt, ...): what the heads draft when the model serves its tasks.
 
 The step is the shared trainer's (`step.forward_backward` with `distill_objective`, `step.optimizer_step`).
 
@@ -76,9 +78,30 @@ def generated_rows(model, tok, texts: list[str], n_rows: int, length: int, promp
     return torch.tensor([o.prompt_token_ids + o.token_ids for o in outs])
 
 
+def task_rows(model, tok, n_rows: int, length: int, seed: int = 0) -> torch.Tensor:
+    """[n_rows, length] token rows: training-split chat task prompts (every task in turn), each followed by the
+    model's own greedy answer up to its end-of-turn token, packed end to end; a conversation that does not fit
+    a row's end continues on the next row."""
+    from mimo import tasks as task_lib
+    from mimo.engine import LLM, SamplingParams
+
+    # ~60 tokens a conversation (prompt ~25, answer with its think block ~35): enough for n_rows at 30
+    examples = task_lib.mixed_examples(n_rows * length // (30 * len(task_lib.TASKS)) + 1, "train", seed)
+    prompts = [task_lib.prompt_ids(tok, e) for e in examples]
+    llm = LLM(model, num_speculative_tokens=0, max_num_seqs=64,
+              max_model_len=max(map(len, prompts)) + task_lib.MAX_NEW_TOKENS, max_num_batched_tokens=2048)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=task_lib.MAX_NEW_TOKENS, temperature=0,
+                                                stop_token_ids=[tok.eos_id]))
+    stream = [t for o in outs for t in o.prompt_token_ids + o.token_ids]
+    if len(stream) < n_rows * length:
+        raise ValueError(f"{len(outs)} task conversations gave {len(stream)} tokens, fewer than {n_rows} rows "
+                         f"of {length}")
+    return torch.tensor(stream[:n_rows * length]).view(n_rows, length)
+
+
 def run(model_dir: str, out: str, steps: int, batch_size: int = 16, seq_len: int = 256, lr: float = 1e-3,
         task_mix: float = 0.3, seed: int = 0, log_every: int = 20, generated: float = 0.0,
-        generated_rows_n: int = 512) -> dict:
+        generated_rows_n: int = 512, generated_tasks: float = 0.0) -> dict:
     from mimo.checkpoint import load_model, save_model
     from mimo.data import Tokenizer
     from mimo.data.corpus import load_corpus, mixed_documents
@@ -96,7 +119,10 @@ def run(model_dir: str, out: str, steps: int, batch_size: int = 16, seq_len: int
     n_gen = round(generated * batch_size)
     if n_gen:
         t = time.perf_counter()
-        gen = generated_rows(model, tok, corpus.texts("train"), generated_rows_n, seq_len, seed=seed)
+        n_tasks = round(generated_tasks * generated_rows_n)
+        gen = torch.cat([generated_rows(model, tok, corpus.texts("train"), n, seq_len, seed=seed)
+                         if code else task_rows(model, tok, n, seq_len, seed=seed)
+                         for code, n in ((True, generated_rows_n - n_tasks), (False, n_tasks)) if n])
         print(json.dumps({"generated_rows": gen.shape[0], "tokens": gen.numel(),
                           "seconds": round(time.perf_counter() - t, 1)}), file=sys.stderr)
         gen_val = generated_rows(model, tok, corpus.texts("val"), batch_size, seq_len, seed=seed + 1)
@@ -140,7 +166,8 @@ def run(model_dir: str, out: str, steps: int, batch_size: int = 16, seq_len: int
     res = {"steps": steps, "val_agreement_before": before, "val_agreement_after": after,
            "seconds": round(time.perf_counter() - t0, 1)}
     if n_gen:  # on greedy continuations of held-out files: what the engine's drafts face
-        res.update(generated_fraction=generated, val_generated_agreement_before=before_gen,
+        res.update(generated_fraction=generated, generated_rows=generated_rows_n, generated_tasks=generated_tasks,
+                   val_generated_agreement_before=before_gen,
                    val_generated_agreement_after=agreement([gen_val]))
     return res
 
