@@ -49,7 +49,7 @@ def test_generated_rows_are_prompt_spans_plus_the_models_greedy_continuation():
         assert row[6:] == generate(model, prompt, 14)
 
 
-def test_task_rows_pack_task_prompts_and_the_models_own_greedy_answers():
+def test_task_rows_are_one_conversation_each_the_models_own_greedy_answer_padded_out_of_the_mask():
     from mimo import tasks as task_lib
     from mimo.data import Tokenizer
     from mimo.engine.llm import DEFAULT_MODEL
@@ -58,16 +58,26 @@ def test_task_rows_pack_task_prompts_and_the_models_own_greedy_answers():
 
     tok = Tokenizer.from_pretrained(DEFAULT_MODEL)
     model = make_model(vocab_size=tok.vocab_size).eval()
-    rows = task_rows(model, tok, n_rows=2, length=150, seed=3)
-    assert rows.shape == (2, 150)
-    stream = rows.view(-1).tolist()
-    examples = task_lib.mixed_examples(2 * 150 // (30 * 3) + 1, "train", 3)
-    at = 0
-    for ex in examples:  # each conversation in turn: its prompt, then what the model greedily answers
+    rows, mask = task_rows(model, tok, n_rows=4, split="heldout", seed=3)
+    examples = task_lib.mixed_examples(2, "heldout", 3)[:4]
+    assert rows.shape[0] == 4 and mask.shape == rows.shape
+    for row, m, ex in zip(rows.tolist(), mask.tolist(), examples):
         prompt = task_lib.prompt_ids(tok, ex)
         want = prompt + generate(model, prompt, task_lib.MAX_NEW_TOKENS, eos_token_id=tok.eos_id)
-        assert stream[at:at + len(want)] == want[:len(stream) - at]
-        at += len(want)
-        if at >= len(stream):
-            break
-    assert at >= len(stream)
+        n = sum(m)
+        assert m == [True] * n + [False] * (len(m) - n)
+        assert row[:n] == want and set(row[n:]) <= {tok.pad_id}
+
+
+def test_distill_loss_with_a_mask_ignores_right_padding():
+    model = make_model(vocab_size=64).eval()
+    x = torch.randint(1, 64, (1, 12))
+    padded = torch.cat([x, torch.zeros(1, 5, dtype=torch.long)], 1)
+    mask = torch.tensor([[True] * 12 + [False] * 5])
+    with torch.no_grad():
+        loss, agree = distill_loss(model, x)
+        masked, masked_agree = distill_loss(model, padded, mask)
+        unmasked, _ = distill_loss(model, padded)
+    torch.testing.assert_close(masked, loss)
+    assert masked_agree == agree
+    assert (unmasked - loss).abs() > 1e-3  # the padding would count without the mask

@@ -313,8 +313,8 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generated-rows", type=positive_int, default=512,
                    help="how many generated rows to make up front (with --generated)")
     p.add_argument("--generated-tasks", type=unit_fraction, default=0.0,
-                   help="share of the generated rows that are the model's own answers to chat task prompts "
-                   "(the rest continue code)")
+                   help="share of the generated rows that are the model's own answers to chat task prompts, one "
+                   "conversation a row (the rest continue code)")
     p.add_argument("--threads", type=positive_int)
 
 
