@@ -113,6 +113,11 @@ def test_models_the_cli_cannot_tokenise_say_so(tmp_path):
     assert "has no tokenizer" in line
     line = one_error_line(mimo("distill-mtp", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)))
     assert "model directory not found" in line
+    distill = ("distill-mtp", "--model", "models/mimo-tiny", "--out", str(tmp_path))
+    line = one_error_line(mimo(*distill, "--generated-tasks", "0.5"))
+    assert "--generated-tasks" in line and "needs --generated" in line
+    line = one_error_line(mimo(*distill, "--generated", "0.5", "--generated-tasks", "0.001", "--generated-rows", "10"))
+    assert "makes no task row" in line
     for command in ("serve", "chat"):
         assert "'debug' is a preset" in one_error_line(mimo(command, "--model", "debug"))
 

@@ -326,6 +326,11 @@ def distill_mtp(args: argparse.Namespace) -> int:
     if args.generated and args.seq_len <= GENERATED_PROMPT_LEN:
         raise UserError(f"--seq-len must be above {GENERATED_PROMPT_LEN} (the prompt of a generated row) "
                         "with --generated")
+    if args.generated_tasks and not args.generated:
+        raise UserError("--generated-tasks is a share of the generated rows: it needs --generated above 0")
+    if args.generated_tasks and round(args.generated_tasks * args.generated_rows) < 1:
+        raise UserError(f"--generated-tasks {args.generated_tasks} of --generated-rows {args.generated_rows} "
+                        "makes no task row")
     print(json.dumps(run(model_dir, args.out, args.steps, args.batch_size, args.seq_len, args.lr,
                          generated=args.generated, generated_rows_n=args.generated_rows,
                          generated_tasks=args.generated_tasks)))
