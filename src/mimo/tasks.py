@@ -209,11 +209,12 @@ def to_messages(example: Example, with_answer: bool = True, reasoning: bool = Fa
     return messages
 
 
-def prompt_ids(tokenizer, example: Example) -> list[int]:
-    """The chat-rendered prompt of `example`, thinking on for a thinking task: what evaluation and rollouts
-    feed the model (`tokenizer` is a `mimo.data.Tokenizer`)."""
+def prompt_ids(tokenizer, example: Example, thinking: bool = True) -> list[int]:
+    """The chat-rendered prompt of `example`, thinking on for a thinking task unless `thinking` is False (the
+    server's default is off): what evaluation and rollouts feed the model (`tokenizer` is a
+    `mimo.data.Tokenizer`)."""
     return tokenizer.encode_chat(to_messages(example, with_answer=False), add_generation_prompt=True,
-                                 enable_thinking=example.task in THINKING)
+                                 enable_thinking=thinking and example.task in THINKING)
 
 
 def completion_text(tokenizer, ids: Sequence[int]) -> str:

@@ -54,17 +54,16 @@ def test_task_rows_are_one_conversation_each_the_models_own_greedy_answer_padded
     from mimo.data import Tokenizer
     from mimo.engine.llm import DEFAULT_MODEL
     from mimo.model import generate
-    from mimo.train.distill_mtp import task_prompt, task_rows
+    from mimo.train.distill_mtp import task_rows
 
     tok = Tokenizer.from_pretrained(DEFAULT_MODEL)
     model = make_model(vocab_size=tok.vocab_size).eval()
     rows, mask = task_rows(model, tok, n_rows=4, split="heldout", seed=3)
     examples = task_lib.mixed_examples(2, "heldout", 3)[:4]
     assert rows.shape[0] == 4 and mask.shape == rows.shape
-    assert task_prompt(tok, examples[0], True) == task_lib.prompt_ids(tok, examples[0])  # add thinks
-    assert task_prompt(tok, examples[0], False) != task_lib.prompt_ids(tok, examples[0])
+    assert task_lib.prompt_ids(tok, examples[0], thinking=False) != task_lib.prompt_ids(tok, examples[0])  # add thinks
     for i, (row, m, ex) in enumerate(zip(rows.tolist(), mask.tolist(), examples)):
-        prompt = task_prompt(tok, ex, i % 2 == 0)
+        prompt = task_lib.prompt_ids(tok, ex, thinking=i % 2 == 0)
         want = prompt + generate(model, prompt, task_lib.MAX_NEW_TOKENS, eos_token_id=tok.eos_id)
         n = sum(m)
         assert m == [True] * n + [False] * (len(m) - n)

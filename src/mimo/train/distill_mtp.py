@@ -95,14 +95,6 @@ def generated_rows(model, tok, texts: list[str], n_rows: int, length: int, promp
     return torch.tensor([o.prompt_token_ids + o.token_ids for o in outs])
 
 
-def task_prompt(tok, example, thinking: bool) -> list[int]:
-    """`example`'s chat prompt, thinking on if `thinking` and its task thinks."""
-    from mimo import tasks as task_lib
-
-    return tok.encode_chat(task_lib.to_messages(example, with_answer=False), add_generation_prompt=True,
-                           enable_thinking=thinking and example.task in task_lib.THINKING)
-
-
 def task_rows(model, tok, n_rows: int, split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows [n_rows, L], mask [n_rows, L]): chat task prompts of `split` (every task in turn), each followed by
     the model's own greedy answer up to its end-of-turn token, one conversation per row, right-padded with
@@ -113,7 +105,7 @@ def task_rows(model, tok, n_rows: int, split: str = "train", seed: int = 0) -> t
     from mimo.engine import LLM, SamplingParams
 
     examples = task_lib.mixed_examples(-(-n_rows // len(task_lib.TASKS)), split, seed)[:n_rows]
-    prompts = [task_prompt(tok, e, i % 2 == 0) for i, e in enumerate(examples)]
+    prompts = [task_lib.prompt_ids(tok, e, thinking=i % 2 == 0) for i, e in enumerate(examples)]
     llm = LLM(model, num_speculative_tokens=0, max_num_seqs=64,
               max_model_len=max(map(len, prompts)) + task_lib.MAX_NEW_TOKENS, max_num_batched_tokens=2048)
     outs = llm.generate(prompts, SamplingParams(max_tokens=task_lib.MAX_NEW_TOKENS, temperature=0,
