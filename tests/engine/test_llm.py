@@ -11,7 +11,7 @@ from tests.engine.helpers import drive, oracle_drafts
 
 from mimo.engine import LLM, SamplingParams
 from mimo.engine import llm as llm_mod
-from mimo.engine.runner import PROBE_EVERY
+from mimo.engine.runner import PROBE_EVERY, MTPState
 from mimo.model import generate
 from mimo.model.transformer import filter_logits
 
@@ -92,6 +92,48 @@ def test_adaptive_drafting_off_verifies_every_draft():
     # every verify step carries all 3, but for the last ones, capped by the tokens left in the budget
     assert 3 * fixed.num_verify_steps - 3 <= fixed.num_drafted <= 3 * fixed.num_verify_steps
     assert adaptive.num_drafted < 3 * adaptive.num_verify_steps
+
+
+def test_calibration_learns_the_outcome_of_drafts_that_were_cut(monkeypatch):
+    """Greedy acceptance is agreement with the model's next tokens, so a draft the policy computed and cut
+    still gets its outcome once its position is committed. Each outcome the calibration receives is checked
+    against the final output, walking each chain as verification would (until its first mismatch), and some
+    are of drafts that were computed but not proposed."""
+    calls, proposed = [], {}  # proposed: first position of a chain -> how many of its drafts were proposed
+    resolve = MTPState.resolve
+
+    def spy(self, seq):
+        chains = list(self.made)
+        out = resolve(self, seq)
+        calls.append((chains, seq.num_tokens, out))
+        return out
+
+    monkeypatch.setattr(MTPState, "resolve", spy)
+    llm = LLM(num_speculative_tokens=3)
+    draft = llm.runner.draft
+
+    def draft_spy(seqs, states, *args):
+        draft(seqs, states, *args)
+        for seq, st in zip(seqs, states):
+            if st.made and st.made[-1][0] == seq.num_computed_tokens + 1:
+                proposed[st.made[-1][0]] = len(st.drafts)
+
+    llm.runner.draft = draft_spy
+    prompt = [5, 9, 14, 3, 7, 7, 21, 30]
+    out = llm.generate([prompt], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))[0]
+    tokens = prompt + out.token_ids
+    cut = []
+    for chains, end, got in calls:
+        want = []
+        for first, toks, probs, j in chains:
+            while j < len(toks) and first + j < end:
+                want.append((j, probs[j], tokens[first + j] == toks[j]))
+                cut.append(j >= proposed[first])
+                j = j + 1 if want[-1][2] else len(toks)
+        assert got == want
+    assert any(cut) and not all(cut), cut
+    outcomes = [ok for _, _, got in calls for _, _, ok in got]
+    assert any(outcomes) and not all(outcomes)
 
 
 def test_generate_drafts_only_for_requests_that_can_shorten_the_batch():

@@ -23,7 +23,8 @@ a draft outside the set is just never proposed. `draft_vocab_size=V` is the full
 
 Adaptive drafting: each draft comes with its head probability c (at the request's temperature), turned
 into an acceptance estimate a: greedy, a = min(1, rate_k(c) f) with rate_k(c) head k's recent acceptance
-rate (all requests) among drafts of about that probability (`BUCKETS`); sampled, a = min(1, c f), since an
+rate (all requests) among drafts of about that probability (`BUCKETS`), counted over every draft a round
+computed, proposed or cut (`MTPState.resolve`); sampled, a = min(1, c f), since an
 argmax draft is accepted with its target probability, which a distilled head's probability estimates; f is
 how the request's own drafts fared against their estimates recently. The chain estimate P_i is the product
 of a over d_1..d_i. The verify step's expected tokens are 1 + P_1 + .. + P_k and its cost 1 + r + f k plain
@@ -205,6 +206,9 @@ class MTPState:
     dry: int = 0  # steps in a row that proposed no draft (skipped rounds, or a first draft below the rule)
     probe_every: int = PROBE_EVERY[0]  # set each round from the batch (PROBE_EVERY)
     left: int | None = None  # tokens the request may still make (None: no max_tokens), set each round
+    # chains computed by greedy rounds whose outcome is not known yet: (position of the first draft, the drafts,
+    # their head probabilities, the first draft not resolved)
+    made: list[tuple[int, list[int], list[float], int]] = field(default_factory=list)
 
     def append(self, start: int, rows: torch.Tensor, keep_from: int) -> None:
         """Add hidden rows of positions [start, start + len(rows)), dropping rows before keep_from."""
@@ -225,17 +229,36 @@ class MTPState:
         return (self.hits + PRIOR) / (self.expect + PRIOR)
 
     def observe(self, seq: Sequence) -> list[tuple[int, float, bool]]:
-        """Fold the outcome of the verify step of the last drafts into the request's factor; returns the
-        examined drafts (position, head probability, accepted): the accepted ones and the first rejected one."""
+        """Fold the outcome of the verify step of the last drafts into the request's factor; returns the drafts
+        of earlier rounds whose outcome is now known (head, head probability, accepted), for the calibration."""
         now = (seq.num_verify_steps, seq.num_draft_tokens, seq.num_accepted_tokens)
         seen, self.seen = self.seen, now
-        if seen is None or now[0] == seen[0] or not self.probs:
-            return []
-        verified, accepted = now[1] - seen[1], now[2] - seen[2]
-        m = min(accepted + 1, verified, len(self.probs))  # drafts proposed by someone else carry no estimate
-        self.hits = DECAY * self.hits + min(accepted, m)
-        self.expect = DECAY * self.expect + sum(self.ests[:m])
-        return [(j, self.probs[j], j < accepted) for j in range(m)]
+        if seen is not None and now[0] != seen[0] and self.probs:
+            verified, accepted = now[1] - seen[1], now[2] - seen[2]
+            m = min(accepted + 1, verified, len(self.probs))  # drafts proposed by someone else carry no estimate
+            self.hits = DECAY * self.hits + min(accepted, m)
+            self.expect = DECAY * self.expect + sum(self.ests[:m])
+        return self.resolve(seq)
+
+    def resolve(self, seq: Sequence) -> list[tuple[int, float, bool]]:
+        """Greedy acceptance is agreement with the model's own next tokens, so every draft a round computed has
+        an outcome once its position is committed, proposed or not: draft j of a chain counts if drafts 0..j-1
+        matched, as verification would have examined it. Counting only proposed drafts biased the calibration:
+        a bucket whose drafts were cut was examined only by probes, after dry spells, and its estimate sank
+        (code, head 0, probability below 0.1: estimated 0.34-0.46, accepted 0.61 when proposed every step).
+        E.g. a chain made at n = 10 (drafts for positions 11, 12, 13), one draft proposed and accepted and the
+        bonus committed: positions 11 and 12 are known and the third draft waits for the next round."""
+        out, left = [], []
+        end = seq.num_tokens
+        for first, toks, probs, j in self.made:
+            while j < len(toks) and first + j < end:
+                ok = seq.token_ids_slice(first + j, first + j + 1)[0] == toks[j]
+                out.append((j, probs[j], ok))
+                j = j + 1 if ok else len(toks)
+            if j < len(toks):
+                left.append((first, toks, probs, j))
+        self.made = left
+        return out
 
     @property
     def probe_due(self) -> bool:
@@ -374,6 +397,7 @@ class ModelRunner:
             los.append([shared if x >= near else x for x in lo])
             st.drafts, st.probs, st.ests = [], [], []
         head = self.draft_head()
+        made: list[tuple[list[int], list[float]]] = [([], []) for _ in seqs]  # every draft computed, cut or not
         chain = [1.0] * len(seqs)  # estimate that every draft so far is accepted
         gain = [1.0] * len(seqs)  # expected tokens of the verify step with the drafts so far
         live = [i for i, nd in enumerate(num_drafts) if nd > 0]
@@ -437,6 +461,9 @@ class ModelRunner:
                 # chain without it. One draft at a time is myopic: at batch 1 (draft 0.45, round 0.16 steps)
                 # estimates 0.6, 0.9, 0.9 give 1.60 / 1.61 = 0.99 with one draft, but 2.63 / 2.51 = 1.05 with
                 # three (code prompts accepting 2.3 drafts a step with three, 1.36x, drafted in 1 step of 10)
+                if floors is not None and seqs[i].sampling_params.is_greedy:
+                    made[i][0].append(int(t))
+                    made[i][1].append(c)
                 forced = k == 0 and st.probe_due
                 if (floors is not None and not forced
                         and more(i, k, chain[i], gain[i], [a] + st.mean_a[k + 1:num_drafts[i]]) == 0):
@@ -457,3 +484,5 @@ class ModelRunner:
                 st.drafts, st.probs, st.ests = st.drafts[:m], st.probs[:m], st.ests[:m]
                 if nd > 0:  # skipped rounds counted in wants_round
                     st.dry = 0 if st.drafts else st.dry + 1
+                if made[i][0]:  # d_1 is for position n + 1
+                    st.made.append((n_of[i] + 1, *made[i], 0))
