@@ -190,28 +190,35 @@ def test_per_row_filter_equals_scalar_filter_row_by_row():
 
 
 def test_top_p_from_candidates_equals_sorting_the_vocabulary(monkeypatch):
-    """The topk fast path of top-p gives the sort's result; rows where it cannot be sure (nucleus beyond the
-    candidates, ties among them or at their edge) fall back to the sort."""
+    """The topk fast path of top-p gives the sort's result, row by row: rows it cannot be sure of (nucleus
+    beyond the candidates, ties among them or at their edge) are sorted, and they do not send the rows it
+    decided to the sort."""
     from mimo.model import transformer
 
     g = torch.Generator().manual_seed(0)
     V, C = 1000, 64
-    monkeypatch.setattr(transformer, "NUCLEUS_CANDIDATES", C)
+    monkeypatch.setattr(transformer, "NUCLEUS_CANDIDATES", (C // 4, C))
     peaked = torch.randn(8, V, generator=g) * 4  # nuclei of a few tokens: the fast path
     flat = torch.randn(8, V, generator=g) * 0.1  # nuclei of hundreds of tokens: beyond the candidates
     tied = peaked.clone()  # the two best tied: with top_p 0.5 the sort keeps the lower id alone
     tied[:, 7] = tied[:, 900] = tied.max(-1).values + 3
     edge = peaked.clone()
     edge[:, :2] = edge.topk(C, dim=-1).values[:, -1:]  # two more logits equal to the last candidate's
-    for name, x in (("peaked", peaked), ("flat", flat), ("tied", tied), ("edge", edge)):
+    mixed = torch.cat([peaked[:3], flat[:2], tied[:2], edge[:1]])[torch.randperm(8, generator=g)]
+    for name, x in (("peaked", peaked), ("flat", flat), ("tied", tied), ("edge", edge), ("mixed", mixed)):
         for p in (0.5, 0.9, 0.95):
             fast, ref = transformer.filter_logits(x, None, p), transformer.filter_logits(x, None, p, reference=True)
             assert torch.equal(fast.isinf(), ref.isinf()), (name, p)
             assert torch.equal(fast[~fast.isinf()], ref[~ref.isinf()]), (name, p)
-    # the fast path decides the peaked rows alone, and only them
-    assert transformer._nucleus_of_candidates(peaked, torch.full((8,), 0.9)) is not None
-    for x in (flat, tied, edge):
-        assert transformer._nucleus_of_candidates(x, torch.full((8,), 0.9)) is None
+    # the fast path decides the peaked rows; not the flat or tied ones; at the edge, the rows where the tie
+    # reaches into the candidates (where it does not, the tied tokens are dropped with the last candidate)
+    p8 = torch.full((8,), 0.9)
+    assert bool(transformer._nucleus_of_candidates(peaked, p8, C)[1].all())
+    for x in (flat, tied):
+        assert not bool(transformer._nucleus_of_candidates(x, p8, C)[1].any())
+    vals = edge.topk(C, dim=-1).values
+    decided = transformer._nucleus_of_candidates(edge, p8, C)[1]
+    assert torch.equal(decided, (vals[:, 1:] != vals[:, :-1]).all(-1)) and not bool(decided.all())
 
 
 def test_draw_follows_the_distribution_and_never_draws_a_zero():
