@@ -19,15 +19,18 @@ SP = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 def _compare(prompts, k, model=None):
     """Greedy tokens of the compiled engine equal the eager engine's; returns (compiled calls of the step and
-    of the drafting blocks, the compiled engine's stats)."""
+    of the drafting blocks, the compiled engine's stats). Compiled calls run on the caller's thread count:
+    dynamo guards on it, and the engine's one-thread timing of small steps made every switch recompile."""
     ref = [o.token_ids for o in LLM(model, num_speculative_tokens=k, max_model_len=256).generate(prompts, SP)]
     llm = LLM(model, num_speculative_tokens=k, max_model_len=256, compile=True)
     calls = {"step": 0, "block": 0}
     r = llm.runner
+    threads = torch.get_num_threads()
 
     def counted(name, fn):
         def call(*a, **kw):
             calls[name] += 1
+            assert torch.get_num_threads() == threads
             return fn(*a, **kw)
         return call
 
@@ -37,10 +40,16 @@ def _compare(prompts, k, model=None):
 
 
 def test_compiled_decode_matches_eager():
-    """A 20-token prompt (its prefill is a long segment: eager), then 23 compiled decode steps."""
-    model = make_model()
-    prompt = torch.randint(0, model.config.vocab_size, (20,), generator=torch.Generator().manual_seed(0)).tolist()
-    calls, _ = _compare([prompt], 0, model)
+    """A 20-token prompt (its prefill is a long segment: eager), then 23 compiled decode steps, with two
+    intra-op threads (where the engine would time one-thread steps)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = make_model()
+        prompt = torch.randint(0, model.config.vocab_size, (20,), generator=torch.Generator().manual_seed(0)).tolist()
+        calls, _ = _compare([prompt], 0, model)
+    finally:
+        torch.set_num_threads(before)
     assert calls["step"] == SP.max_tokens - 1, calls
 
 

@@ -394,7 +394,10 @@ class LLM:
         # timed per (rows, sequences): one request's 4-row verify step (and its drafting round) and 4 requests'
         # decode step are different work; compared in one bucket, the guard judged one by the other's times
         key = (rows, len(out.items))
-        if rows <= ONE_THREAD_ROWS and self.runner.device.type == "cpu" and torch.get_num_threads() > 1:
+        # not with compiled steps: dynamo guards on the thread count, so each switch recompiled every graph
+        # until its recompile limit (8), after which the frames ran eager under dynamo
+        if (rows <= ONE_THREAD_ROWS and self.runner.device.type == "cpu" and torch.get_num_threads() > 1
+                and not self.runner.compiled):
             one = self._threads.mode(key)
         with intra_op_threads(1 if one else None):
             deltas = self._run(out, ended, t0)

@@ -282,6 +282,7 @@ class ModelRunner:
         self.model = model
         # compiled: steps whose segments are all short (decode, verify, drafting) run as torch.compile graphs
         # with dynamic shapes; prefill chunks and steps that record routing stay eager (module docstring)
+        self.compiled = compile
         self._hidden = _compiled(model.forward_hidden) if compile else None
         self._mtp_hidden = _compiled(model.mtp_hidden) if compile else None
         self.cache = cache
