@@ -210,6 +210,12 @@ def test_top_p_from_candidates_equals_sorting_the_vocabulary(monkeypatch):
             fast, ref = transformer.filter_logits(x, None, p), transformer.filter_logits(x, None, p, reference=True)
             assert torch.equal(fast.isinf(), ref.isinf()), (name, p)
             assert torch.equal(fast[~fast.isinf()], ref[~ref.isinf()]), (name, p)
+    # rows with top-k, with neither filter, with top-p alone (decided or not) in one batch
+    ks = torch.tensor([0, 5, 0, 0, 3, 0, 0, 0])
+    ps = torch.tensor([0.9, 1.0, 1.0, 0.9, 0.5, 0.95, 0.5, 0.9])
+    fast, ref = transformer.filter_logits(mixed, ks, ps), transformer.filter_logits(mixed, ks, ps, reference=True)
+    assert torch.equal(fast.isinf(), ref.isinf()) and torch.equal(fast[~fast.isinf()], ref[~ref.isinf()])
+    assert torch.equal(fast[2], mixed[2])
     # the fast path decides the peaked rows; not the flat or tied ones; at the edge, the rows where the tie
     # reaches into the candidates (where it does not, the tied tokens are dropped with the last candidate)
     p8 = torch.full((8,), 0.9)

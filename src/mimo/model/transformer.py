@@ -231,9 +231,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | torch.Tensor | None = None,
     most likely token always stays. Example, probs [0.5, 0.3, 0.2], top_p 0.7: mass before each token
     [0, 0.5, 0.8] -> the first two are kept.
 
-    Top-p alone is first tried on the 64, then the 1,024 largest logits of each row (`NUCLEUS_CANDIDATES`,
-    `_nucleus_of_candidates`), for the rows where that gives the sort's result; the rows left are sorted, as
-    `reference` sorts every row.
+    Each row is filtered on its own: a row with top-p alone is first tried on its 64, then its 1,024 largest
+    logits (`NUCLEUS_CANDIDATES`, `_nucleus_of_candidates`), kept where that gives the sort's result; the rows
+    left and the rows with top-k are sorted, as `reference` sorts every row; a row with neither is returned as
+    it is. So one request's top-k or undecided nucleus does not make the batch sort.
     """
     V = logits.shape[-1]
     x_NV = logits.reshape(-1, V)
@@ -243,26 +244,29 @@ def filter_logits(logits: torch.Tensor, top_k: int | torch.Tensor | None = None,
     k_on, p_on = (k_N > 0) & (k_N < V), p_N < 1.0
     if not (bool(k_on.any()) or bool(p_on.any())):
         return logits
-    if reference or bool(k_on.any()) or not bool(p_on.all()):
+    if reference:
         return _sorted_filter(x_NV, k_N, p_N).reshape(logits.shape)
-    out_NV, rows_R = x_NV, None  # rows_R: the rows not decided yet (None: all of them, no copy made)
+    fast_N = p_on & ~k_on  # top-p alone: from candidates, where they decide
+    # rows_R: the top-p-only rows not decided yet; None while that is every row (no indexing, no copy)
+    rows_R = None if bool(fast_N.all()) else fast_N.nonzero()[:, 0]
+    out_NV = None if rows_R is None else x_NV.clone()  # rows with neither filter stay as they are
     for C in NUCLEUS_CANDIDATES:
-        if C >= V:
+        if C >= V or (rows_R is not None and not len(rows_R)):
             break
         x_RV, p_R = (x_NV, p_N) if rows_R is None else (x_NV[rows_R], p_N[rows_R])
         cand_RV, decided_R = _nucleus_of_candidates(x_RV, p_R, C)
         if rows_R is None:
-            if bool(decided_R.all()):  # the common case at batch 1: no indexing
+            if bool(decided_R.all()):  # the common case at batch 1
                 return cand_RV.reshape(logits.shape)
             out_NV, rows_R = cand_RV, torch.arange(N, device=dev)
         else:
             out_NV[rows_R[decided_R]] = cand_RV[decided_R]
         rows_R = rows_R[~decided_R]
-        if not len(rows_R):
-            return out_NV.reshape(logits.shape)
-    rows_R = torch.arange(N, device=dev) if rows_R is None else rows_R
-    out_NV = out_NV.clone() if out_NV is x_NV else out_NV
-    out_NV[rows_R] = _sorted_filter(x_NV[rows_R], k_N[rows_R], p_N[rows_R])
+    if rows_R is None:  # no candidate count below V
+        out_NV, rows_R = x_NV.clone(), torch.arange(N, device=dev)
+    sort_R = torch.cat([rows_R, k_on.nonzero()[:, 0]])  # undecided top-p rows and every top-k row
+    if len(sort_R):
+        out_NV[sort_R] = _sorted_filter(x_NV[sort_R], k_N[sort_R], p_N[sort_R])
     return out_NV.reshape(logits.shape)
 
 
