@@ -227,6 +227,24 @@ def test_top_p_from_candidates_equals_sorting_the_vocabulary(monkeypatch):
     assert torch.equal(decided, (vals[:, 1:] != vals[:, :-1]).all(-1)) and not bool(decided.all())
 
 
+def test_draws_of_a_batch_equal_draws_row_by_row():
+    """A batch draws each row from its own generator (shared ones in row order) and gives the tokens the rows
+    drawn one at a time would: seeded requests' tokens do not depend on the batch."""
+    from mimo.model.transformer import draw, draws
+
+    probs = torch.softmax(torch.randn(12, 300, generator=torch.Generator().manual_seed(0)) * 2, -1)
+    probs[3, 100:] = 0.0  # a row with zero tail mass
+    shared = torch.Generator().manual_seed(9)
+    gens = [torch.Generator().manual_seed(i) if i % 3 else shared for i in range(12)]
+    states = [g.get_state() for g in gens]
+    batched = draws(probs, gens)
+    for g, st in zip(gens, states):
+        g.set_state(st)
+    shared.set_state(states[0])
+    assert batched == [draw(probs[i], gens[i]) for i in range(12)]
+    assert batched[3] < 100
+
+
 def test_draw_follows_the_distribution_and_never_draws_a_zero():
     from mimo.model.transformer import draw
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mimo.engine.config import GREEDY_EPS, SamplingParams
-from mimo.model.transformer import draw, filter_logits
+from mimo.model.transformer import draw, draws, filter_logits
 
 _Param = float | int | None | torch.Tensor
 
@@ -148,9 +148,11 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         tokens = logits.argmax(-1).tolist()
     else:
         probs_NV = probs_from_logits(logits, *sampling_tensors(params, logits.device))
-        greedy_ids = probs_NV.argmax(-1).tolist()  # the point mass of greedy rows
-        tokens = [greedy_ids[i] if sp.is_greedy else sample_from_probs(probs_NV[i], gens[i] or default_generator)
-                  for i, sp in enumerate(params)]
+        tokens = probs_NV.argmax(-1).tolist()  # the point mass of greedy rows
+        rows = [i for i, sp in enumerate(params) if not sp.is_greedy]
+        picked = probs_NV if len(rows) == N else probs_NV[rows]
+        for i, t in zip(rows, draws(picked, [gens[i] or default_generator for i in rows])):
+            tokens[i] = t
     logprobs: list[TokenLogprobs | None] = [None] * N
     want = [i for i, sp in enumerate(params) if sp.logprobs is not None]
     if want:
