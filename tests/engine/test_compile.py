@@ -21,8 +21,10 @@ def _compare(prompts, k, model=None):
     """Greedy tokens of the compiled engine equal the eager engine's; returns (compiled calls of the step and
     of the drafting blocks, the compiled engine's stats). Compiled calls run on the caller's thread count:
     dynamo guards on it, and the engine's one-thread timing of small steps made every switch recompile."""
-    ref = [o.token_ids for o in LLM(model, num_speculative_tokens=k, max_model_len=256).generate(prompts, SP)]
-    llm = LLM(model, num_speculative_tokens=k, max_model_len=256, compile=True)
+    # every step drafts its k (adaptive drafting off): how many blocks run must not hang on the policy
+    kw = dict(num_speculative_tokens=k, max_model_len=256, adaptive_drafting=False)
+    ref = [o.token_ids for o in LLM(model, **kw).generate(prompts, SP)]
+    llm = LLM(model, compile=True, **kw)
     calls = {"step": 0, "block": 0}
     r = llm.runner
     threads = torch.get_num_threads()
