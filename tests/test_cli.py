@@ -118,6 +118,8 @@ def test_models_the_cli_cannot_tokenise_say_so(tmp_path):
     assert "--generated-tasks" in line and "needs --generated" in line
     line = one_error_line(mimo(*distill, "--generated", "0.5", "--generated-tasks", "0.001", "--generated-rows", "10"))
     assert "makes no task row" in line
+    line = one_error_line(mimo(*distill, "--generated", "0.25", "--generated-tasks", "0.1", "--batch-size", "16"))
+    assert "makes no task row" in line and "0 a batch" in line
     for command in ("serve", "chat"):
         assert "'debug' is a preset" in one_error_line(mimo(command, "--model", "debug"))
 

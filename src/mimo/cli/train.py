@@ -328,9 +328,13 @@ def distill_mtp(args: argparse.Namespace) -> int:
                         "with --generated")
     if args.generated_tasks and not args.generated:
         raise UserError("--generated-tasks is a share of the generated rows: it needs --generated above 0")
-    if args.generated_tasks and round(args.generated_tasks * args.generated_rows) < 1:
-        raise UserError(f"--generated-tasks {args.generated_tasks} of --generated-rows {args.generated_rows} "
-                        "makes no task row")
+    if args.generated_tasks:
+        made, per_batch = (round(args.generated_tasks * n) for n in
+                           (args.generated_rows, round(args.generated * args.batch_size)))
+        if made < 1 or per_batch < 1:
+            raise UserError(f"--generated-tasks {args.generated_tasks} makes no task row ({made} of "
+                            f"--generated-rows {args.generated_rows}, {per_batch} a batch of --batch-size "
+                            f"{args.batch_size} at --generated {args.generated})")
     print(json.dumps(run(model_dir, args.out, args.steps, args.batch_size, args.seq_len, args.lr,
                          generated=args.generated, generated_rows_n=args.generated_rows,
                          generated_tasks=args.generated_tasks)))

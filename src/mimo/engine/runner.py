@@ -377,11 +377,10 @@ class ModelRunner:
         if floors is not None:
             num_drafts = list(num_drafts)
             for i, (seq, st) in enumerate(zip(seqs, states)):
-                examined = st.observe(seq)
-                if seq.sampling_params.is_greedy:  # the buckets calibrate greedy acceptance (argmax agreement)
-                    for j, c, ok in examined:
-                        h = self.calib[j][bisect.bisect(BUCKETS, c)]
-                        h[0], h[1] = HEAD_DECAY * h[0] + ok, HEAD_DECAY * h[1] + 1
+                # the buckets calibrate greedy acceptance (argmax agreement): only greedy rounds record chains
+                for j, c, ok in st.observe(seq):
+                    h = self.calib[j][bisect.bisect(BUCKETS, c)]
+                    h[0], h[1] = HEAD_DECAY * h[0] + ok, HEAD_DECAY * h[1] + 1
                 st.probe_every = PROBE_EVERY[(SEEDED_BATCH if own[i] else len(seqs)) >= DraftGuard.MIN_BATCH]
                 mt = seq.sampling_params.max_tokens
                 st.left = None if mt is None else mt - seq.num_output_tokens

@@ -54,14 +54,10 @@ def distill_loss(model, x: torch.Tensor, mask: torch.Tensor | None = None) -> tu
         q = model.mtp_forward(k, h[:, : T - k - 1], x[:, k + 1:]).float()  # row t predicts token t+k+2
         p = target[:, k + 1:]  # the main model's distribution for token t+k+2
         ce, hit = -(p * F.log_softmax(q, -1)).sum(-1), (q.argmax(-1) == p.argmax(-1)).float()
-        if mask is None:
-            losses.append(ce.mean())
-            agree.append(float(hit.mean()))
-        else:
-            m = mask[:, k + 1:].float()
-            n = m.sum().clamp_min(1.0)
-            losses.append((ce * m).sum() / n)
-            agree.append(float((hit * m).sum() / n))
+        m = torch.ones_like(ce) if mask is None else mask[:, k + 1:].float()
+        n = m.sum().clamp_min(1.0)
+        losses.append((ce * m).sum() / n)
+        agree.append(float((hit * m).sum() / n))
     return torch.stack(losses).mean(), agree
 
 
