@@ -43,7 +43,8 @@ def _compare(prompts, k, model=None):
 
 def test_compiled_decode_matches_eager():
     """A 20-token prompt (its prefill is a long segment: eager), then 23 compiled decode steps, with two
-    intra-op threads (where the engine would time one-thread steps)."""
+    intra-op threads (where the engine would time one-thread steps). Each step is one graph (`fullgraph`: a
+    graph break fails it; the one DerivedWeights.caches had made compiled steps slower than eager ones)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -53,6 +54,22 @@ def test_compiled_decode_matches_eager():
     finally:
         torch.set_num_threads(before)
     assert calls["step"] == SP.max_tokens - 1, calls
+
+
+def test_compiled_step_reads_weights_changed_in_place():
+    """The compiled graphs keep no guards on the model's modules (runner._compiled): after update_weights they
+    must compute with the new weights, as an eager engine given the same weights does."""
+    torch.manual_seed(0)
+    model, new = make_model(), make_model(seed=1)
+    prompt = [5, 9, 12, 7]
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    llm = LLM(model, compile=True, num_speculative_tokens=0, max_model_len=64)
+    before = llm.generate([prompt], sp)[0].token_ids
+    llm.update_weights(new.state_dict())
+    after = llm.generate([prompt], sp)[0].token_ids
+    ref = LLM(new, num_speculative_tokens=0, max_model_len=64).generate([prompt], sp)[0].token_ids
+    assert after == ref
+    assert after != before  # the two models disagree, so stale weights would show
 
 
 @pytest.mark.slow

@@ -121,7 +121,7 @@ class Transformer(nn.Module):
         """Pre-final-norm hidden states [B, T, D]."""
         positions = self._positions(input_ids, positions)
         x = self.model.embed_tokens(input_ids)
-        ropes = {t: self._rope(positions, t, x.dtype) for t in set(self.config.layer_types)}
+        ropes = {t: self._rope(positions, t, x.dtype) for t in dict.fromkeys(self.config.layer_types)}
         for layer in self.model.layers:
             x = layer(x, ropes[layer.layer_type], positions, cache, routing)
         return x
