@@ -79,3 +79,17 @@ def test_compiled_verify_and_drafting_match_eager_with_drafts_accepted():
     calls, st = _compare(CODE, 1)
     assert calls["step"] >= 10 and calls["block"] >= 10, calls
     assert st["accepted_tokens"] > 0, st
+
+
+def test_kinds_of_step_beyond_the_recompile_limit_run_eager():
+    """With fullgraph a step that would need one graph more than dynamo's recompile limit raises; the engine
+    runs such steps eager instead (here the limit is 1: decode steps of one and of two requests need two)."""
+    model = make_model()
+    prompts = [[5, 9, 12, 7], [3, 8]]
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    ref = [o.token_ids for o in LLM(model, num_speculative_tokens=0, max_model_len=64).generate(prompts, sp)]
+    llm = LLM(model, compile=True, num_speculative_tokens=0, max_model_len=64)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert [o.token_ids for o in llm.generate(prompts[:1], sp)] == ref[:1]
+        assert [o.token_ids for o in llm.generate(prompts, sp)] == ref

@@ -103,7 +103,13 @@ def _compiled(fn):
 
     def call(*args):
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return graph(*args)
+            try:
+                return graph(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                # more kinds of step than dynamo's recompile limit (8 graphs per function: e.g. the MTP block
+                # index x padded or dense attention x thread count): the rest run eager, as dynamo does by
+                # itself without fullgraph (it raises before running anything, so nothing ran twice)
+                return fn(*args)
     return call
 
 
