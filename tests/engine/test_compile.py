@@ -6,11 +6,13 @@ drafting blocks."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from tests.conftest import make_model
 
-from mimo.engine import LLM, SamplingParams
+from mimo.engine import LLM, SamplingParams, runner
 
 CODE = ["def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main(argv):\n    for arg in argv:\n",
         "class Stack:\n    def __init__(self):\n        self.items = []\n"]
@@ -90,6 +92,6 @@ def test_kinds_of_step_beyond_the_recompile_limit_run_eager():
     ref = [o.token_ids for o in LLM(model, num_speculative_tokens=0, max_model_len=64).generate(prompts, sp)]
     llm = LLM(model, compile=True, num_speculative_tokens=0, max_model_len=64)
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(recompile_limit=1):
+    with mock.patch.object(runner, "RECOMPILE_LIMIT", 1):
         assert [o.token_ids for o in llm.generate(prompts[:1], sp)] == ref[:1]
         assert [o.token_ids for o in llm.generate(prompts, sp)] == ref
