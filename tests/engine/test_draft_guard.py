@@ -57,3 +57,21 @@ def test_tuple_sizes_are_bucketed_element_by_element_and_judged_apart():
             modes[key].append(m)
             g.record(key, m, 10, 10 / speed[m])
     assert sum(modes[4, 1][100:]) >= 0.9 * 200 and sum(modes[4, 4][100:]) <= 0.1 * 200  # explorations aside
+
+
+def test_a_compiled_engine_times_drafting_at_every_batch_size():
+    """Below MIN_BATCH the eager engine trusts the policy's costs; a compiled engine's steps cost other
+    proportions (its plain step shrank more than its drafting), so it asks the guard from one request on.
+    The engine here is eager with the compiled flag set: the rule, not the compiler, is under test."""
+    from tests.conftest import make_model
+
+    from mimo.engine import LLM, SamplingParams
+
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    asked = {}
+    for compiled in (False, True):
+        llm = LLM(make_model(), num_speculative_tokens=2, max_model_len=64)
+        llm.runner.compiled = compiled
+        llm.generate([[5, 9, 12, 7]], sp)
+        asked[compiled] = dict(llm._guard.stats)
+    assert asked[False] == {} and DraftGuard.bucket(1) in asked[True]

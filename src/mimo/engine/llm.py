@@ -557,7 +557,10 @@ class LLM:
         # the guard measures that drafting pays at all; a seeded sampled request decides from its own history
         # only, so its tokens do not depend on the batch or on timing
         private = [s.sampling_params.seed is not None and not s.sampling_params.is_greedy for s in seqs]
-        mode = None if all(private) or len(seqs) < DraftGuard.MIN_BATCH else self._guard.mode(len(seqs))
+        # a compiled engine is timed at every batch size: the policy's costs (draft_floor) are the eager
+        # engine's, and compiled plain steps shrank more than drafting ones
+        timed = len(seqs) >= DraftGuard.MIN_BATCH or self.runner.compiled
+        mode = self._guard.mode(len(seqs)) if timed and not all(private) else None
         skip = [not p for p in private] if mode is False else self._off_critical_path(seqs, private)
         if any(skip):  # they skip the round whole (their last drafts' outcome is folded in later)
             for st, k in zip(states, skip):
