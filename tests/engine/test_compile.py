@@ -95,3 +95,17 @@ def test_kinds_of_step_beyond_the_recompile_limit_run_eager():
     with mock.patch.object(runner, "RECOMPILE_LIMIT", 1):
         assert [o.token_ids for o in llm.generate(prompts[:1], sp)] == ref[:1]
         assert [o.token_ids for o in llm.generate(prompts, sp)] == ref
+
+
+def test_two_compiled_engines_whose_models_differ_in_a_module_attribute_each_match_eager():
+    """Dynamo keeps its graphs per code object, and the engine drops the guards on the model's modules: two
+    compiled engines in one process whose models differ only in a module's plain attribute (the router's
+    scaling, a Python float in the graph) must still each compute their own model."""
+    prompt = [5, 9, 12, 7, 3, 8]
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    models = [make_model(), make_model(routed_scaling_factor=2.5)]
+    refs = [LLM(m, num_speculative_tokens=0, max_model_len=64).generate([prompt], sp)[0].token_ids for m in models]
+    assert refs[0] != refs[1]
+    engines = [LLM(m, compile=True, num_speculative_tokens=0, max_model_len=64) for m in models]
+    for _ in range(2):  # alternating, each engine after the other's graph exists
+        assert [e.generate([prompt], sp)[0].token_ids for e in engines] == refs
