@@ -150,7 +150,10 @@ class Experts(nn.Module):
     # each token gathers its K experts' weights (a copy of K / E of the stacks per token), above it every
     # expert runs on every token as plain GEMMs (E / K times the FLOPs, no weight copies). Compiled engine, MTP
     # off, 16 requests: gathering 924-955 tokens/s, every expert 857-868 (eager 900-920); 64 requests, side by
-    # side in one process: gathering 2,132, every expert 1,925.
+    # side in one process: gathering 2,132, every expert 1,925. Again with one-graph compiled steps, compiled
+    # over eager code MTP off in the same process, two processes each: gathering up to 64 tokens 1.56-1.57x
+    # at 16 requests and 1.21-1.25x at 64, every expert from 9 tokens on 1.13-1.23x and 0.96-1.01x (one layer
+    # alone on one thread had favoured every expert from 8 tokens: 16 tokens 333 against 537 us).
     STATIC_GATHER_TOKENS = 64
 
     def _static(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
