@@ -394,8 +394,9 @@ class LLM:
         # timed per (rows, sequences): one request's 4-row verify step (and its drafting round) and 4 requests'
         # decode step are different work; compared in one bucket, the guard judged one by the other's times
         key = (rows, len(out.items))
-        # not with compiled steps: dynamo guards on the thread count, so each switch recompiled every graph
-        # until its recompile limit (8), after which the frames ran eager under dynamo
+        # not with compiled steps: dynamo guards on the thread count, so each count needs graphs of its own
+        # (switching once recompiled every graph until the recompile limit), and compiled, one thread gained
+        # nothing (batch-1 code MTP off, interleaved: 2.10 against 2.19 ms/token on two)
         if (rows <= ONE_THREAD_ROWS and self.runner.device.type == "cpu" and torch.get_num_threads() > 1
                 and not self.runner.compiled):
             one = self._threads.mode(key)
